@@ -1,0 +1,263 @@
+//! Gemma-2 as a 3-way sequence classifier, numerically as transformers' `Gemma2Model`
+//! (eager attention) followed by the sequence-classification head.
+//!
+//! - embedding × √hidden (the constant rounded to the activation dtype);
+//! - RMSNorm with gain `(1 + w)`, four per layer: input → attention → post-attention norm →
+//!   residual; pre-FFN norm → GeGLU (tanh GELU) → post-FFN norm → residual; final norm;
+//! - attention: GQA, scale `query_pre_attn_scalar^-0.5`, logits soft-capped with
+//!   `attn_logit_softcapping`, causal; sliding layers (even-indexed unless `layer_types`
+//!   says otherwise) see only the last `sliding_window` keys;
+//! - `final_logit_softcapping` belongs to the LM head and is not applied to class logits.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::bail;
+use crate::data::batch::TokenBatch;
+use crate::error::Result;
+use crate::lora::Adapter;
+use crate::models::{LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config};
+use crate::ops::activation::{Gate, gated};
+use crate::ops::attention::{AttentionParams, attention};
+use crate::ops::elementwise::add;
+use crate::ops::embedding::{embed, gather_rows};
+use crate::ops::linear::{Linear, linear};
+use crate::ops::norm::{NormKind, RmsNorm, rms_norm};
+use crate::ops::rope::{self, RopeTable};
+use crate::tensor::Tensor;
+use crate::weights::Checkpoint;
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_attn_cap() -> Option<f32> {
+    Some(50.0)
+}
+fn default_sliding_window() -> Option<usize> {
+    Some(4096)
+}
+fn default_query_pre_attn_scalar() -> f64 {
+    256.0
+}
+fn default_act() -> String {
+    "gelu_pytorch_tanh".into()
+}
+fn default_init() -> f64 {
+    0.02
+}
+
+/// The fields of a Gemma-2 config.json the engine uses (defaults as transformers').
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_query_pre_attn_scalar")]
+    pub query_pre_attn_scalar: f64,
+    #[serde(default = "default_attn_cap")]
+    pub attn_logit_softcapping: Option<f32>,
+    #[serde(default = "default_sliding_window")]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// The MLP's activation (transformers' Gemma-2 reads `hidden_activation`, not `hidden_act`).
+    #[serde(default = "default_act")]
+    pub hidden_activation: String,
+    #[serde(default = "default_init")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+}
+
+impl Config {
+    /// Whether layer `i` uses the sliding window.
+    pub fn is_sliding(&self, i: usize) -> bool {
+        match &self.layer_types {
+            Some(t) => t[i] == "sliding_attention",
+            None => i % 2 == 0,
+        }
+    }
+
+    fn validate(&self, dir: &Path) -> Result<()> {
+        let where_ = dir.join("config.json");
+        if let Some(t) = &self.layer_types {
+            if t.len() != self.num_hidden_layers {
+                bail!(
+                    Model,
+                    "{}: `layer_types` lists {} layers, num_hidden_layers is {}",
+                    where_.display(),
+                    t.len(),
+                    self.num_hidden_layers
+                );
+            }
+            if let Some(bad) = t.iter().find(|x| *x != "sliding_attention" && *x != "full_attention") {
+                bail!(Model, "{}: unknown layer type `{bad}`", where_.display());
+            }
+        }
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!(
+                Model,
+                "{}: {} attention heads cannot share {} KV heads",
+                where_.display(),
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        Ok(())
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    params: AttentionParams,
+    /// Index into the model's RoPE tables (full vs sliding layers may differ).
+    rope: usize,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Gate,
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_attn_norm: RmsNorm,
+    pre_ff_norm: RmsNorm,
+    mlp: Mlp,
+    post_ff_norm: RmsNorm,
+}
+
+/// A loaded Gemma-2 classifier.
+pub struct Gemma2 {
+    pub config: Config,
+    pub info: ModelInfo,
+    embed: Tensor,
+    embed_scale: f32,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    score: Linear,
+    /// Distinct rotary frequency tables (one per distinct layer-type spec).
+    inv_freqs: Vec<Vec<f32>>,
+}
+
+impl Gemma2 {
+    pub(crate) fn load(
+        dir: &Path,
+        raw: &serde_json::Value,
+        ck: &Checkpoint,
+        opts: &LoadOptions,
+        adapter: Option<&mut Adapter>,
+    ) -> Result<Self> {
+        let cfg: Config = parse_config(dir, raw)?;
+        cfg.validate(dir)?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let eps = cfg.rms_norm_eps as f32;
+        let act = Gate::from_name(&cfg.hidden_activation)?;
+        let specs = [
+            RopeSpec::parse(raw, "full_attention", 10000.0)?,
+            RopeSpec::parse(raw, "sliding_attention", 10000.0)?,
+        ];
+        let inv_freqs: Vec<Vec<f32>> = specs.iter().map(|s| s.inv_freq(hd)).collect();
+        // Computed in f64 and rounded once, as Python's `query_pre_attn_scalar**-0.5` is.
+        let scale = cfg.query_pre_attn_scalar.powf(-0.5) as f32;
+
+        let mut w = WeightLoader::new(ck, opts, adapter)?;
+        let embed = w.embedding(cfg.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("layers.{i}");
+            let sliding = cfg.is_sliding(i);
+            let attn = Attention {
+                q: w.projection(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
+                k: w.projection(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
+                v: w.projection(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
+                o: w.projection(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
+                params: AttentionParams {
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    scale,
+                    softcap: cfg.attn_logit_softcapping,
+                    window: if sliding { cfg.sliding_window } else { None },
+                },
+                rope: sliding as usize,
+            };
+            let mlp = Mlp {
+                gate: w.projection(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h)?,
+                up: w.projection(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
+                down: w.projection(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size)?,
+                act,
+            };
+            let kind = NormKind::OnePlusWeight;
+            layers.push(DecoderLayer {
+                input_norm: w.norm(&format!("{p}.input_layernorm"), h, eps, kind)?,
+                attn,
+                post_attn_norm: w.norm(&format!("{p}.post_attention_layernorm"), h, eps, kind)?,
+                pre_ff_norm: w.norm(&format!("{p}.pre_feedforward_layernorm"), h, eps, kind)?,
+                mlp,
+                post_ff_norm: w.norm(&format!("{p}.post_feedforward_layernorm"), h, eps, kind)?,
+            });
+        }
+        let norm = w.norm("norm", h, eps, NormKind::OnePlusWeight)?;
+        let (score, score_source) = w.score(h, cfg.initializer_range)?;
+        let info = ModelInfo {
+            model_type: "gemma2".into(),
+            vocab_size: cfg.vocab_size,
+            hidden_size: h,
+            num_layers: cfg.num_hidden_layers,
+            eos_token_id: cfg.eos_token_id.as_ref().and_then(TokenIds::first),
+            weight_bytes: w.weight_bytes,
+            parameters: w.parameters,
+            score_source,
+        };
+        // transformers multiplies by sqrt(hidden) cast to the activation dtype (f32 here).
+        let embed_scale = (h as f64).sqrt() as f32;
+        Ok(Gemma2 { config: cfg, info, embed, embed_scale, layers, norm, score, inv_freqs })
+    }
+
+    /// Class logits `[rows, 3]`.
+    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
+        let layout = &batch.layout;
+        let positions = layout.positions();
+        let device = self.embed.device();
+        let ropes = self
+            .inv_freqs
+            .iter()
+            .map(|f| RopeTable::new(&positions, f, device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = embed(&self.embed, &batch.ids, self.embed_scale)?;
+        for layer in &self.layers {
+            let a = &layer.attn;
+            let hn = rms_norm(&x, &layer.input_norm)?;
+            let q = rope::apply(&linear(&hn, &a.q)?, &ropes[a.rope], a.params.head_dim)?;
+            let k = rope::apply(&linear(&hn, &a.k)?, &ropes[a.rope], a.params.head_dim)?;
+            let v = linear(&hn, &a.v)?;
+            let att = linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?;
+            x = add(&x, &rms_norm(&att, &layer.post_attn_norm)?)?;
+
+            let m = &layer.mlp;
+            let hn = rms_norm(&x, &layer.pre_ff_norm)?;
+            let act = gated(&linear(&hn, &m.gate)?, &linear(&hn, &m.up)?, m.act)?;
+            let ff = linear(&act, &m.down)?;
+            x = add(&x, &rms_norm(&ff, &layer.post_ff_norm)?)?;
+        }
+        // Only the last token of each row reaches the head; normalising just those rows is
+        // the same function as normalising all of them (RMSNorm is per row).
+        let last = gather_rows(&x, &layout.last_tokens())?;
+        linear(&rms_norm(&last, &self.norm)?, &self.score)
+    }
+}

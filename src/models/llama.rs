@@ -1,0 +1,210 @@
+//! Llama-3.1 as a 3-way sequence classifier, numerically as transformers' `LlamaModel`
+//! (eager attention) followed by the sequence-classification head.
+//!
+//! - RMSNorm with gain `w`; input norm → attention → residual; post-attention norm → SwiGLU
+//!   (`silu(gate)·up → down`) → residual; final norm;
+//! - attention: GQA, scale `head_dim^-0.5`, causal, no soft-capping, no window;
+//! - RoPE with `rope_type = llama3` frequency scaling when the config asks for it.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::bail;
+use crate::data::batch::TokenBatch;
+use crate::error::Result;
+use crate::lora::Adapter;
+use crate::models::{LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config};
+use crate::ops::activation::{Gate, gated};
+use crate::ops::attention::{AttentionParams, attention};
+use crate::ops::elementwise::add;
+use crate::ops::embedding::{embed, gather_rows};
+use crate::ops::linear::{Linear, linear};
+use crate::ops::norm::{NormKind, RmsNorm, rms_norm};
+use crate::ops::rope::{self, RopeTable};
+use crate::tensor::Tensor;
+use crate::weights::Checkpoint;
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_init() -> f64 {
+    0.02
+}
+
+/// The fields of a Llama config.json the engine uses (defaults as transformers').
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_init")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+}
+
+impl Config {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn validate(&self, dir: &Path) -> Result<()> {
+        let where_ = dir.join("config.json");
+        if self.attention_bias || self.mlp_bias {
+            bail!(Model, "{}: attention_bias / mlp_bias are not supported", where_.display());
+        }
+        let nkv = self.kv_heads();
+        if nkv == 0 || self.num_attention_heads % nkv != 0 {
+            bail!(
+                Model,
+                "{}: {} attention heads cannot share {nkv} KV heads",
+                where_.display(),
+                self.num_attention_heads
+            );
+        }
+        Ok(())
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    params: AttentionParams,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Gate,
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_attn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A loaded Llama classifier.
+pub struct Llama {
+    pub config: Config,
+    pub info: ModelInfo,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    score: Linear,
+    inv_freq: Vec<f32>,
+}
+
+impl Llama {
+    pub(crate) fn load(
+        dir: &Path,
+        raw: &serde_json::Value,
+        ck: &Checkpoint,
+        opts: &LoadOptions,
+        adapter: Option<&mut Adapter>,
+    ) -> Result<Self> {
+        let cfg: Config = parse_config(dir, raw)?;
+        cfg.validate(dir)?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+        let eps = cfg.rms_norm_eps as f32;
+        let act = Gate::from_name(&cfg.hidden_act)?;
+        let inv_freq = RopeSpec::parse(raw, "full_attention", 10000.0)?.inv_freq(hd);
+        let params = AttentionParams {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: (hd as f64).powf(-0.5) as f32,
+            softcap: None,
+            window: None,
+        };
+
+        let mut w = WeightLoader::new(ck, opts, adapter)?;
+        let embed = w.embedding(cfg.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("layers.{i}");
+            let attn = Attention {
+                q: w.projection(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
+                k: w.projection(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
+                v: w.projection(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
+                o: w.projection(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
+                params,
+            };
+            let mlp = Mlp {
+                gate: w.projection(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h)?,
+                up: w.projection(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
+                down: w.projection(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size)?,
+                act,
+            };
+            layers.push(DecoderLayer {
+                input_norm: w.norm(&format!("{p}.input_layernorm"), h, eps, NormKind::Weight)?,
+                attn,
+                post_attn_norm: w.norm(&format!("{p}.post_attention_layernorm"), h, eps, NormKind::Weight)?,
+                mlp,
+            });
+        }
+        let norm = w.norm("norm", h, eps, NormKind::Weight)?;
+        let (score, score_source) = w.score(h, cfg.initializer_range)?;
+        let info = ModelInfo {
+            model_type: "llama".into(),
+            vocab_size: cfg.vocab_size,
+            hidden_size: h,
+            num_layers: cfg.num_hidden_layers,
+            eos_token_id: cfg.eos_token_id.as_ref().and_then(TokenIds::first),
+            weight_bytes: w.weight_bytes,
+            parameters: w.parameters,
+            score_source,
+        };
+        Ok(Llama { config: cfg, info, embed, layers, norm, score, inv_freq })
+    }
+
+    /// Class logits `[rows, 3]`.
+    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
+        let layout = &batch.layout;
+        let positions = layout.positions();
+        let rope_table = RopeTable::new(&positions, &self.inv_freq, self.embed.device())?;
+        let mut x = embed(&self.embed, &batch.ids, 1.0)?;
+        for layer in &self.layers {
+            let a = &layer.attn;
+            let hn = rms_norm(&x, &layer.input_norm)?;
+            let q = rope::apply(&linear(&hn, &a.q)?, &rope_table, a.params.head_dim)?;
+            let k = rope::apply(&linear(&hn, &a.k)?, &rope_table, a.params.head_dim)?;
+            let v = linear(&hn, &a.v)?;
+            x = add(&x, &linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?)?;
+
+            let m = &layer.mlp;
+            let hn = rms_norm(&x, &layer.post_attn_norm)?;
+            let act = gated(&linear(&hn, &m.gate)?, &linear(&hn, &m.up)?, m.act)?;
+            x = add(&x, &linear(&act, &m.down)?)?;
+        }
+        let last = gather_rows(&x, &layout.last_tokens())?;
+        linear(&rms_norm(&last, &self.norm)?, &self.score)
+    }
+}

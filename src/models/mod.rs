@@ -1,0 +1,348 @@
+//! The two backbones as 3-way sequence classifiers, and what they share: config parsing,
+//! weight loading (quantisation and LoRA at load), the RoPE frequency spec and the score head.
+//!
+//! Each backbone lives in its own file with a `Config` mirroring Hugging Face's config.json
+//! and small structs (`Attention`, `Mlp`, `DecoderLayer`, the model) built from a checkpoint
+//! and run by `forward`. Forward passes are written once against [`crate::ops`], which
+//! dispatch on the tensors' device.
+
+pub mod gemma2;
+pub mod llama;
+
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use serde::Deserialize;
+
+use crate::bail;
+use crate::data::batch::TokenBatch;
+use crate::error::{Error, Result};
+use crate::lora::Adapter;
+use crate::ops::linear::{BaseWeight, Linear};
+use crate::ops::norm::{NormKind, RmsNorm};
+use crate::quant::nf4::Nf4Tensor;
+use crate::tensor::{DType, Device, Tensor};
+use crate::weights::Checkpoint;
+
+/// Number of classes of the arena task: A wins, B wins, tie.
+pub const NUM_LABELS: usize = 3;
+
+/// How base projection weights are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    /// Keep the checkpoint dtype.
+    None,
+    /// NF4 (bitsandbytes-compatible), optionally with double-quantised absmax.
+    Nf4 { double_quant: bool },
+}
+
+/// What a model load needs besides the directory.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub quant: Quant,
+    /// A PEFT LoRA adapter directory.
+    pub adapter: Option<PathBuf>,
+    /// Seed for a score head the checkpoint lacks.
+    pub seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { device: Device::Cpu, quant: Quant::None, adapter: None, seed: 0 }
+    }
+}
+
+/// Facts about a loaded model the rest of the pipeline needs.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    /// The id appended after the text (the first one if config.json lists several).
+    pub eos_token_id: Option<u32>,
+    /// Bytes held by weights (after quantisation).
+    pub weight_bytes: usize,
+    /// Parameters of the base model (embedding and score head included).
+    pub parameters: usize,
+    /// Where the score head came from (checkpoint, adapter, or random).
+    pub score_source: String,
+}
+
+/// A loaded classifier.
+pub enum Model {
+    Gemma2(gemma2::Gemma2),
+    Llama(llama::Llama),
+}
+
+impl Model {
+    /// Class logits `[rows, 3]` for a packed batch.
+    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
+        match self {
+            Model::Gemma2(m) => m.forward(batch),
+            Model::Llama(m) => m.forward(batch),
+        }
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        match self {
+            Model::Gemma2(m) => &m.info,
+            Model::Llama(m) => &m.info,
+        }
+    }
+}
+
+/// Read `dir/config.json` as JSON.
+pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", path.display())))
+}
+
+/// Parse a config value into a backbone's `Config`, naming the file on error.
+pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(dir: &Path, value: &serde_json::Value) -> Result<T> {
+    T::deserialize(value).map_err(|e| Error::Model(format!("{}: {e}", dir.join("config.json").display())))
+}
+
+/// Load the model in `dir` (`model_type` gemma2 or llama) as a classifier.
+pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+    let config = read_config(dir)?;
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let ck = Checkpoint::open_model_dir(dir)?;
+    let mut adapter = match &opts.adapter {
+        Some(a) => Some(Adapter::load(a)?),
+        None => None,
+    };
+    let model = match model_type {
+        "gemma2" => Model::Gemma2(gemma2::Gemma2::load(dir, &config, &ck, opts, adapter.as_mut())?),
+        "llama" => Model::Llama(llama::Llama::load(dir, &config, &ck, opts, adapter.as_mut())?),
+        "" => bail!(Model, "{}: no `model_type`", dir.join("config.json").display()),
+        other => bail!(
+            Model,
+            "{}: model_type `{other}` is not supported (expected gemma2 or llama)",
+            dir.join("config.json").display()
+        ),
+    };
+    if let Some(a) = &adapter {
+        a.check_all_used()?;
+    }
+    Ok(model)
+}
+
+/// `eos_token_id` as config.json writes it: one id or a list (the first one is used).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn first(&self) -> Option<u32> {
+        match self {
+            TokenIds::One(i) => Some(*i),
+            TokenIds::Many(v) => v.first().copied(),
+        }
+    }
+}
+
+/// Rotary frequencies of a layer, from either config key style.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeSpec {
+    Default { theta: f64 },
+    Llama3 { theta: f64, factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+}
+
+impl RopeSpec {
+    /// Parse from config.json: the newer `rope_parameters` object (possibly keyed by layer
+    /// type), or the classic top-level `rope_theta` plus optional `rope_scaling`.
+    pub fn parse(config: &serde_json::Value, layer_type: &str, default_theta: f64) -> Result<Self> {
+        let mut params = config.get("rope_parameters").filter(|v| v.is_object());
+        if let Some(p) = params {
+            if let Some(per_type) = p.get(layer_type).filter(|v| v.is_object()) {
+                params = Some(per_type);
+            }
+        }
+        let scaling = config.get("rope_scaling").filter(|v| v.is_object());
+        let top_theta = config.get("rope_theta").and_then(|v| v.as_f64());
+        let theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|v| v.as_f64())
+            .or(top_theta)
+            .unwrap_or(default_theta);
+        let spec = params.or(scaling);
+        let kind = spec
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        match kind {
+            "default" => Ok(RopeSpec::Default { theta }),
+            "llama3" => {
+                let Some(s) = spec else { unreachable!("kind came from spec") };
+                let num = |k: &str| -> Result<f32> {
+                    s.get(k).and_then(|v| v.as_f64()).map(|v| v as f32).ok_or_else(|| {
+                        Error::Model(format!("config.json: llama3 rope scaling needs a numeric `{k}`"))
+                    })
+                };
+                Ok(RopeSpec::Llama3 {
+                    theta,
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position: num("original_max_position_embeddings")?,
+                })
+            }
+            other => bail!(Model, "config.json: rope type `{other}` is not supported (expected default or llama3)"),
+        }
+    }
+
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        use crate::ops::rope::{default_inv_freq, llama3_inv_freq};
+        match *self {
+            RopeSpec::Default { theta } => default_inv_freq(head_dim, theta),
+            RopeSpec::Llama3 { theta, factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                llama3_inv_freq(
+                    &default_inv_freq(head_dim, theta),
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position,
+                )
+            }
+        }
+    }
+}
+
+/// Builds layers from a checkpoint: finds tensors by name under the checkpoint's prefix,
+/// checks shapes, quantises the base projections, and attaches the adapter's LoRA.
+pub(crate) struct WeightLoader<'a> {
+    pub ck: &'a Checkpoint,
+    /// `model.` for causal-LM and sequence-classification checkpoints, empty for bare ones.
+    pub prefix: String,
+    pub opts: &'a LoadOptions,
+    pub adapter: Option<&'a mut Adapter>,
+    pub weight_bytes: usize,
+    pub parameters: usize,
+}
+
+impl<'a> WeightLoader<'a> {
+    pub fn new(ck: &'a Checkpoint, opts: &'a LoadOptions, adapter: Option<&'a mut Adapter>) -> Result<Self> {
+        let prefix = if ck.contains("model.embed_tokens.weight") {
+            "model.".to_string()
+        } else if ck.contains("embed_tokens.weight") {
+            String::new()
+        } else {
+            bail!(Model, "{}: missing tensor `model.embed_tokens.weight`", ck.dir().display())
+        };
+        Ok(WeightLoader { ck, prefix, opts, adapter, weight_bytes: 0, parameters: 0 })
+    }
+
+    fn count(&mut self, t: &Tensor) {
+        self.weight_bytes += t.elem_count() * t.dtype().size_in_bytes();
+        self.parameters += t.elem_count();
+    }
+
+    /// The embedding table, kept in its stored dtype.
+    pub fn embedding(&mut self, vocab: usize, hidden: usize) -> Result<Tensor> {
+        let name = format!("{}embed_tokens.weight", self.prefix);
+        let t = self.ck.load(&name, &[vocab, hidden])?;
+        self.count(&t);
+        Ok(t)
+    }
+
+    /// An RMSNorm weight (`module` relative to the prefix, e.g. `layers.0.input_layernorm`).
+    pub fn norm(&mut self, module: &str, hidden: usize, eps: f32, kind: NormKind) -> Result<RmsNorm> {
+        let name = format!("{}{module}.weight", self.prefix);
+        let weight = self.ck.load_as(&name, &[hidden], DType::F32)?;
+        self.count(&weight);
+        Ok(RmsNorm { weight, eps, kind })
+    }
+
+    /// A quantisable projection `[out, inp]` with the adapter's LoRA, if it has one for it.
+    pub fn projection(&mut self, module: &str, out: usize, inp: usize) -> Result<Linear> {
+        let name = format!("{}{module}.weight", self.prefix);
+        let w = match self.opts.quant {
+            Quant::None => {
+                let t = self.ck.load(&name, &[out, inp])?;
+                self.weight_bytes += t.elem_count() * t.dtype().size_in_bytes();
+                BaseWeight::Dense(t)
+            }
+            Quant::Nf4 { double_quant } => {
+                let t = self.ck.load(&name, &[out, inp])?;
+                let q = Nf4Tensor::quantize(t.cpu_storage()?, &[out, inp], double_quant)
+                    .map_err(|e| e.context(format!("quantising `{name}`")))?;
+                self.weight_bytes += q.nbytes();
+                BaseWeight::Nf4(q)
+            }
+        };
+        self.parameters += out * inp;
+        // LoRA keys use the Hugging Face module path, always under `model.`.
+        let lora = match self.adapter.as_deref_mut() {
+            Some(a) => a.take_lora(&format!("model.{module}"), out, inp)?,
+            None => None,
+        };
+        Linear::new(w, lora)
+    }
+
+    /// The `[3, hidden]` score head: from the adapter (`modules_to_save`), else the checkpoint's
+    /// `score.weight`, else seeded N(0, initializer_range) with a warning.
+    pub fn score(&mut self, hidden: usize, initializer_range: f64) -> Result<(Linear, String)> {
+        let shape = [NUM_LABELS, hidden];
+        if let Some(a) = self.adapter.as_deref_mut() {
+            if let Some(t) = a.take_score(hidden)? {
+                self.parameters += t.elem_count();
+                return Ok((Linear::new(BaseWeight::Dense(t), None)?, format!("adapter {}", a.dir().display())));
+            }
+        }
+        if let Ok(e) = self.ck.entry("score.weight") {
+            if e.shape.len() == 2 && e.shape[1] == hidden && e.shape[0] != NUM_LABELS {
+                bail!(
+                    Model,
+                    "{}: `score.weight` has {} labels; the arena classifier needs {NUM_LABELS}",
+                    self.ck.dir().display(),
+                    e.shape[0]
+                );
+            }
+            let t = self.ck.load_as("score.weight", &shape, DType::F32)?;
+            self.count(&t);
+            return Ok((Linear::new(BaseWeight::Dense(t), None)?, "checkpoint".to_string()));
+        }
+        eprintln!(
+            "warning: {} has no score head (`score.weight`) and no adapter supplies one; \
+             initialising it from N(0, {initializer_range}) with seed {} — predictions are not meaningful until it is trained",
+            self.ck.dir().display(),
+            self.opts.seed
+        );
+        let t = random_normal(&shape, initializer_range, self.opts.seed)?;
+        self.count(&t);
+        Ok((Linear::new(BaseWeight::Dense(t), None)?, format!("random (seed {})", self.opts.seed)))
+    }
+}
+
+/// An f32 tensor of N(0, std) values from a seeded generator.
+pub fn random_normal(shape: &[usize], std: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f64, std).map_err(|e| Error::Model(format!("initializer_range {std}: {e}")))?;
+    let n: usize = shape.iter().product();
+    Tensor::from_f32((0..n).map(|_| normal.sample(&mut rng) as f32).collect(), shape)
+}
+
+/// Softmax of each row of `[rows, 3]` logits, in f64.
+pub fn probabilities(logits: &Tensor) -> Result<Vec<[f64; NUM_LABELS]>> {
+    let (rows, c) = logits.dims2()?;
+    if c != NUM_LABELS {
+        bail!(Shape, "expected {NUM_LABELS} logits per row, found {c}");
+    }
+    let l = logits.to_f32_vec()?;
+    Ok((0..rows)
+        .map(|r| {
+            let row = &l[r * c..(r + 1) * c];
+            let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let e: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            [e[0] / s, e[1] / s, e[2] / s]
+        })
+        .collect())
+}

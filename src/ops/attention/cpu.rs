@@ -1,0 +1,90 @@
+//! CPU twin of attention: one task per (row, head), queries in blocks of [`Q_BLOCK`], each
+//! block multiplying only against the keys it can see (causal and window limits), so a
+//! sliding-window layer costs O(tokens × window) and no tokens × tokens matrix is ever held
+//! for long rows.
+
+use rayon::prelude::*;
+
+use crate::ops::SeqLayout;
+use crate::ops::gemm::{MatRef, Threads, sgemm};
+
+use super::AttentionParams;
+
+const Q_BLOCK: usize = 64;
+
+pub(super) fn attention(q: &[f32], k: &[f32], v: &[f32], layout: &SeqLayout, p: &AttentionParams) -> Vec<f32> {
+    let d = p.head_dim;
+    let qw = p.n_heads * d;
+    let kw = p.n_kv_heads * d;
+    let group = p.n_heads / p.n_kv_heads;
+    let tasks: Vec<(usize, usize)> =
+        (0..layout.rows()).flat_map(|r| (0..p.n_heads).map(move |h| (r, h))).collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(r, h)| {
+            let range = layout.range(r);
+            let (start, len) = (range.start, range.len());
+            let kvh = h / group;
+            let mut out = vec![0f32; len * d];
+            let mut s = vec![0f32; Q_BLOCK * (Q_BLOCK + p.window.unwrap_or(len))];
+            let mut i0 = 0;
+            while i0 < len {
+                let i1 = (i0 + Q_BLOCK).min(len);
+                let j0 = match p.window {
+                    Some(w) => (i0 + 1).saturating_sub(w),
+                    None => 0,
+                };
+                let (m, nk) = (i1 - i0, i1 - j0);
+                let s = &mut s[..m * nk];
+                // s = q_blk · k_visᵀ
+                let qv = MatRef { data: &q[(start + i0) * qw + h * d..], rs: qw, cs: 1 };
+                let kv = MatRef { data: &k[(start + j0) * kw + kvh * d..], rs: 1, cs: kw };
+                sgemm(m, nk, d, s, nk, false, qv, kv, 1.0, Threads::One);
+                for (ii, row) in s.chunks_mut(nk).enumerate() {
+                    let i = i0 + ii;
+                    let lo = match p.window {
+                        Some(w) => (i + 1).saturating_sub(w),
+                        None => 0,
+                    };
+                    let mut max = f32::NEG_INFINITY;
+                    for (jj, x) in row.iter_mut().enumerate() {
+                        let j = j0 + jj;
+                        if j > i || j < lo {
+                            *x = f32::NEG_INFINITY;
+                            continue;
+                        }
+                        let mut val = *x * p.scale;
+                        if let Some(cap) = p.softcap {
+                            val = (val / cap).tanh() * cap;
+                        }
+                        *x = val;
+                        max = max.max(val);
+                    }
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    for x in row.iter_mut() {
+                        *x *= inv;
+                    }
+                }
+                // out_blk = p · v_vis
+                let vv = MatRef { data: &v[(start + j0) * kw + kvh * d..], rs: kw, cs: 1 };
+                sgemm(m, d, nk, &mut out[i0 * d..], d, false, MatRef::rows(s, nk), vv, 1.0, Threads::One);
+                i0 = i1;
+            }
+            out
+        })
+        .collect();
+    let mut y = vec![0f32; layout.total_tokens() * qw];
+    for (&(r, h), out) in tasks.iter().zip(&results) {
+        let start = layout.range(r).start;
+        for (i, src) in out.chunks(d).enumerate() {
+            let dst = (start + i) * qw + h * d;
+            y[dst..dst + d].copy_from_slice(src);
+        }
+    }
+    y
+}

@@ -1,0 +1,30 @@
+//! Embedding lookup: rows of a (frozen) table gathered by token id and multiplied by a
+//! constant (Gemma-2 scales by √hidden; Llama by 1).
+
+mod cpu;
+
+use crate::bail;
+use crate::error::Result;
+use crate::tensor::{Device, Tensor};
+
+/// `[tokens, hidden]` rows of `table` (`[vocab, hidden]`, any storage dtype), times `scale`.
+pub fn embed(table: &Tensor, ids: &[u32], scale: f32) -> Result<Tensor> {
+    let (vocab, h) = table.dims2()?;
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        bail!(Shape, "embedding: token id {bad} is outside the table of {vocab} rows");
+    }
+    match table.device() {
+        Device::Cpu => Tensor::from_f32(cpu::embed(table.cpu_storage()?, h, ids, scale), &[ids.len(), h]),
+    }
+}
+
+/// Rows `idx` of `x` (`[tokens, hidden]`), e.g. the last token of every row of a batch.
+pub fn gather_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    let (t, h) = x.dims2()?;
+    if let Some(&bad) = idx.iter().find(|&&i| i >= t) {
+        bail!(Shape, "gather_rows: row {bad} of {t}");
+    }
+    match x.device() {
+        Device::Cpu => Tensor::from_f32(cpu::gather_rows(x.as_f32_slice()?, h, idx), &[idx.len(), h]),
+    }
+}

@@ -1,0 +1,98 @@
+//! Linear layers against frozen base weights, with an optional LoRA path:
+//! `y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`.
+//!
+//! The base weight `W` (`[out, in]`) is dense (f32, bf16 or f16 storage) or NF4. Neither is
+//! ever widened to a full-size f32 copy: the CPU twin dequantises a tile of output rows at a
+//! time into a small scratch buffer and multiplies it in place (the CUDA kernel does the same
+//! inside its tile loads).
+
+mod cpu;
+
+use crate::bail;
+use crate::error::Result;
+use crate::quant::nf4::Nf4Tensor;
+use crate::tensor::{DType, Device, Tensor};
+
+/// A frozen base weight, `[out_features, in_features]`.
+#[derive(Clone, Debug)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    Nf4(Nf4Tensor),
+}
+
+impl BaseWeight {
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            BaseWeight::Dense(t) => (t.shape()[0], t.shape()[1]),
+            BaseWeight::Nf4(q) => (q.shape[0], q.shape[1]),
+        }
+    }
+
+    /// Bytes of weight memory.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            BaseWeight::Nf4(q) => q.nbytes(),
+        }
+    }
+}
+
+/// A LoRA adapter on one linear layer: `A` is `[r, in]`, `B` is `[out, r]`.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f32,
+}
+
+/// A linear layer without bias (none of the supported models has one).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: BaseWeight,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    pub fn new(weight: BaseWeight, lora: Option<Lora>) -> Result<Self> {
+        let (out, inp) = weight.dims();
+        if let Some(l) = &lora {
+            let r = l.a.shape()[0];
+            if l.a.shape() != [r, inp] || l.b.shape() != [out, r] {
+                bail!(
+                    Shape,
+                    "LoRA A {:?} / B {:?} do not fit a [{out}, {inp}] weight",
+                    l.a.shape(),
+                    l.b.shape()
+                );
+            }
+        }
+        Ok(Linear { weight, lora })
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims().1
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims().0
+    }
+}
+
+/// `x` is `[tokens, in]`, the result `[tokens, out]` (f32).
+pub fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
+    let (t, k) = x.dims2()?;
+    let (n, kw) = layer.weight.dims();
+    if k != kw {
+        bail!(Shape, "linear: input has {k} features, the weight expects {kw}");
+    }
+    if x.dtype() != DType::F32 {
+        bail!(Shape, "linear: CPU activations must be f32, found {}", x.dtype().name());
+    }
+    match x.device() {
+        Device::Cpu => {
+            let y = cpu::linear(x.as_f32_slice()?, t, k, n, layer)?;
+            Tensor::from_f32(y, &[t, n])
+        }
+    }
+}

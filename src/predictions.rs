@@ -1,0 +1,62 @@
+//! Prediction files (the Kaggle submission format):
+//! `id,winner_model_a,winner_model_b,winner_tie`, one row per input row, in input order.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use crate::data::csv::LABEL_COLUMNS;
+use crate::error::{Error, Result};
+use crate::io::AtomicFile;
+
+/// Write a submission atomically. Probabilities are printed with 9 decimals, so each row sums
+/// to 1 within 2e-9.
+pub fn write(path: &Path, ids: &[String], probs: &[[f64; 3]]) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    let w = f.writer();
+    let io = |e| Error::io(path, e);
+    writeln!(w, "id,{}", LABEL_COLUMNS.join(",")).map_err(io)?;
+    for (id, p) in ids.iter().zip(probs) {
+        writeln!(w, "{id},{:.9},{:.9},{:.9}", p[0], p[1], p[2]).map_err(io)?;
+    }
+    f.commit()
+}
+
+/// Read a prediction file: ids in file order with their probabilities.
+pub fn read(path: &Path) -> Result<Vec<(String, [f64; 3])>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).from_reader(file);
+    let headers = rdr
+        .headers()
+        .map_err(|e| Error::data(path, None, None, format!("cannot read the header line: {e}")))?
+        .clone();
+    let col = |n: &str| headers.iter().position(|h| h.trim() == n);
+    let mut cols = Vec::new();
+    for name in std::iter::once("id").chain(LABEL_COLUMNS) {
+        cols.push(col(name).ok_or_else(|| Error::data(path, None, None, format!("missing column `{name}`")))?);
+    }
+    let mut out = Vec::new();
+    let mut seen = HashMap::new();
+    for (i, rec) in rdr.records().enumerate() {
+        let row = i + 1;
+        let rec = rec.map_err(|e| Error::data(path, Some(row), None, format!("malformed CSV: {e}")))?;
+        let id = rec.get(cols[0]).unwrap_or("").trim().to_string();
+        if let Some(prev) = seen.insert(id.clone(), row) {
+            return Err(Error::data(path, Some(row), Some("id"), format!("duplicate id `{id}` (also row {prev})")));
+        }
+        let mut p = [0f64; 3];
+        for k in 0..3 {
+            let raw = rec.get(cols[k + 1]).unwrap_or("").trim();
+            let v: f64 = raw
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite() && (0.0..=1.0).contains(v))
+                .ok_or_else(|| {
+                    Error::data(path, Some(row), Some(LABEL_COLUMNS[k]), format!("id {id}: `{raw}` is not a probability"))
+                })?;
+            p[k] = v;
+        }
+        out.push((id, p));
+    }
+    Ok(out)
+}

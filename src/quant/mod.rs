@@ -1,0 +1,3 @@
+//! Weight quantisation formats.
+
+pub mod nf4;
