@@ -14,7 +14,12 @@ use crate::models::{LoadOptions, Quant};
 use crate::tensor::{DType, Device};
 use crate::{demo, eval};
 
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu; CUDA kernels: ", env!("ENGINE_CUDA_KERNELS"), ")");
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (backends: cpu; CUDA kernels: ",
+    env!("ENGINE_CUDA_KERNELS"),
+    ")"
+);
 
 #[derive(Parser, Debug)]
 #[command(name = "engine", version = VERSION, about = "QLoRA classifiers for the LMSYS arena preference task (Gemma-2, Llama-3.1)")]
@@ -162,11 +167,18 @@ impl ModelArgs {
             }
         };
         let quant = match (self.quant, self.double_quant) {
-            (QuantArg::None, true) => return Err(Error::Usage("--double-quant needs --quant nf4".into())),
+            (QuantArg::None, true) => {
+                return Err(Error::Usage("--double-quant needs --quant nf4".into()));
+            }
             (QuantArg::None, false) => Quant::None,
             (QuantArg::Nf4, dq) => Quant::Nf4 { double_quant: dq },
         };
-        Ok(LoadOptions { device, quant, adapter: self.adapter.clone(), seed: self.seed })
+        Ok(LoadOptions {
+            device,
+            quant,
+            adapter: self.adapter.clone(),
+            seed: self.seed,
+        })
     }
 }
 
@@ -220,7 +232,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(a) => {
             let r = eval::run(&a.pred, &a.labels)?;
-            println!("log_loss {:.6}\naccuracy {:.6}\nrows {}", r.log_loss, r.accuracy, r.rows);
+            println!(
+                "log_loss {:.6}\naccuracy {:.6}\nrows {}",
+                r.log_loss, r.accuracy, r.rows
+            );
             Ok(())
         }
         Command::InitModel(a) => {
@@ -234,7 +249,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 tokenizer: a.tokenizer,
                 max_shard_bytes: a.max_shard_mib.max(1) << 20,
             })?;
-            eprintln!("wrote {} ({params} parameters) in {:.1}s", a.out.display(), t.elapsed().as_secs_f64());
+            eprintln!(
+                "wrote {} ({params} parameters) in {:.1}s",
+                a.out.display(),
+                t.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Demo(a) => demo::run(&a.out_dir),

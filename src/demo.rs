@@ -36,11 +36,22 @@ pub fn run(out_dir: &Path) -> Result<()> {
         progress: true,
     };
     let r = infer::run(&opts)?;
-    println!("model:      {} (bundled tiny gemma2, random weights)", model.display());
+    println!(
+        "model:      {} (bundled tiny gemma2, random weights)",
+        model.display()
+    );
     println!("submission: {}", r.out.display());
-    println!("rows:       {} ({} tokens, {:.0} tokens/s on CPU)", r.rows, r.tokens, r.tokens_per_second());
+    println!(
+        "rows:       {} ({} tokens, {:.0} tokens/s on CPU)",
+        r.rows,
+        r.tokens,
+        r.tokens_per_second()
+    );
     if let (Some(l), Some(a)) = (r.log_loss, r.accuracy) {
-        println!("log loss:   {l:.5} (uniform guess: {:.5}); accuracy {a:.3}", 3f64.ln());
+        println!(
+            "log loss:   {l:.5} (uniform guess: {:.5}); accuracy {a:.3}",
+            3f64.ln()
+        );
     }
     Ok(())
 }

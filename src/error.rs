@@ -11,9 +11,17 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub enum Error {
     /// Reading or writing a file failed.
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A data file (CSV) is malformed; `row` is the 1-based data row (header excluded).
-    Data { file: PathBuf, row: Option<usize>, field: Option<String>, msg: String },
+    Data {
+        file: PathBuf,
+        row: Option<usize>,
+        field: Option<String>,
+        msg: String,
+    },
     /// A model directory, config, checkpoint or adapter does not fit what is expected.
     Model(String),
     /// Tensor shapes or dtypes disagree.
@@ -30,10 +38,18 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
 
-    pub fn data(file: impl AsRef<Path>, row: Option<usize>, field: Option<&str>, msg: impl Into<String>) -> Self {
+    pub fn data(
+        file: impl AsRef<Path>,
+        row: Option<usize>,
+        field: Option<&str>,
+        msg: impl Into<String>,
+    ) -> Self {
         Error::Data {
             file: file.as_ref().to_path_buf(),
             row,
@@ -43,7 +59,10 @@ impl Error {
     }
 
     pub fn context(self, context: impl Into<String>) -> Self {
-        Error::Context { context: context.into(), source: Box::new(self) }
+        Error::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
     }
 
     /// The innermost error, past every `Context` layer.
@@ -59,7 +78,12 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
-            Error::Data { file, row, field, msg } => {
+            Error::Data {
+                file,
+                row,
+                field,
+                msg,
+            } => {
                 write!(f, "{}", file.display())?;
                 if let Some(r) = row {
                     write!(f, ", row {r}")?;

@@ -18,13 +18,26 @@ pub fn run(pred_path: &Path, labels_path: &Path) -> Result<EvalReport> {
     let data = read_arena_csv(labels_path, Labels::Required)?;
     let by_id: HashMap<&str, [f64; 3]> = preds.iter().map(|(id, p)| (id.as_str(), *p)).collect();
     let label_ids: HashMap<&str, ()> = data.rows.iter().map(|r| (r.id.as_str(), ())).collect();
-    let missing: Vec<&str> = data.rows.iter().map(|r| r.id.as_str()).filter(|id| !by_id.contains_key(id)).collect();
-    let extra: Vec<&str> = preds.iter().map(|(id, _)| id.as_str()).filter(|id| !label_ids.contains_key(id)).collect();
+    let missing: Vec<&str> = data
+        .rows
+        .iter()
+        .map(|r| r.id.as_str())
+        .filter(|id| !by_id.contains_key(id))
+        .collect();
+    let extra: Vec<&str> = preds
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .filter(|id| !label_ids.contains_key(id))
+        .collect();
     if !missing.is_empty() || !extra.is_empty() {
         let show = |v: &[&str]| v.iter().take(5).copied().collect::<Vec<_>>().join(", ");
         let mut msg = String::from("ids do not match:");
         if !missing.is_empty() {
-            msg += &format!(" {} labelled id(s) have no prediction (e.g. {})", missing.len(), show(&missing));
+            msg += &format!(
+                " {} labelled id(s) have no prediction (e.g. {})",
+                missing.len(),
+                show(&missing)
+            );
         }
         if !extra.is_empty() {
             msg += &format!(

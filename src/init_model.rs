@@ -58,7 +58,9 @@ impl std::str::FromStr for Preset {
             "tiny" => Ok(Preset::Tiny),
             "gemma-2-9b" => Ok(Preset::Gemma2_9b),
             "llama-3.1-8b" => Ok(Preset::Llama31_8b),
-            _ => Err(format!("unknown preset `{s}` (expected tiny, gemma-2-9b or llama-3.1-8b)")),
+            _ => Err(format!(
+                "unknown preset `{s}` (expected tiny, gemma-2-9b or llama-3.1-8b)"
+            )),
         }
     }
 }
@@ -89,8 +91,11 @@ pub fn config_json(arch: Arch, preset: Preset, dtype: DType) -> Result<serde_jso
     let v = match (arch, preset) {
         (Arch::Gemma2, Preset::Tiny | Preset::Gemma2_9b) => {
             let tiny = preset == Preset::Tiny;
-            let (vocab, h, inter, layers, heads, kv, hd, window) =
-                if tiny { (1024, 64, 128, 4, 4, 2, 32, 32) } else { (256000, 3584, 14336, 42, 16, 8, 256, 4096) };
+            let (vocab, h, inter, layers, heads, kv, hd, window) = if tiny {
+                (1024, 64, 128, 4, 4, 2, 32, 32)
+            } else {
+                (256000, 3584, 14336, 42, 16, 8, 256, 4096)
+            };
             json!({
                 "architectures": ["Gemma2ForSequenceClassification"],
                 "model_type": "gemma2",
@@ -109,10 +114,19 @@ pub fn config_json(arch: Arch, preset: Preset, dtype: DType) -> Result<serde_jso
         }
         (Arch::Llama, Preset::Tiny | Preset::Llama31_8b) => {
             let tiny = preset == Preset::Tiny;
-            let (vocab, h, inter, layers, heads, kv, orig) =
-                if tiny { (1024, 64, 176, 4, 4, 2, 64) } else { (128256, 4096, 14336, 32, 32, 8, 8192) };
-            let (bos, eos, pad) = if tiny { (json!(2), json!([1]), json!(0)) } else {
-                (json!(128000), json!([128001, 128008, 128009]), serde_json::Value::Null)
+            let (vocab, h, inter, layers, heads, kv, orig) = if tiny {
+                (1024, 64, 176, 4, 4, 2, 64)
+            } else {
+                (128256, 4096, 14336, 32, 32, 8, 8192)
+            };
+            let (bos, eos, pad) = if tiny {
+                (json!(2), json!([1]), json!(0))
+            } else {
+                (
+                    json!(128000),
+                    json!([128001, 128008, 128009]),
+                    serde_json::Value::Null,
+                )
             };
             json!({
                 "architectures": ["LlamaForSequenceClassification"],
@@ -146,11 +160,26 @@ enum Init {
 /// Names, shapes and initialisation of every tensor of the model described by `cfg`.
 fn tensor_plan(arch: Arch, cfg: &serde_json::Value) -> Result<Vec<(String, Vec<usize>, Init)>> {
     let get = |k: &str| -> Result<usize> {
-        cfg.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| Error::Model(format!("config: no `{k}`")))
+        cfg.get(k)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Model(format!("config: no `{k}`")))
     };
-    let (vocab, h, inter, layers) = (get("vocab_size")?, get("hidden_size")?, get("intermediate_size")?, get("num_hidden_layers")?);
-    let (heads, kv, hd) = (get("num_attention_heads")?, get("num_key_value_heads")?, get("head_dim")?);
-    let std = cfg.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02) as f32;
+    let (vocab, h, inter, layers) = (
+        get("vocab_size")?,
+        get("hidden_size")?,
+        get("intermediate_size")?,
+        get("num_hidden_layers")?,
+    );
+    let (heads, kv, hd) = (
+        get("num_attention_heads")?,
+        get("num_key_value_heads")?,
+        get("head_dim")?,
+    );
+    let std = cfg
+        .get("initializer_range")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.02) as f32;
     let norm_init = match arch {
         Arch::Gemma2 => Init::Const(0.0),
         Arch::Llama => Init::Const(1.0),
@@ -159,15 +188,28 @@ fn tensor_plan(arch: Arch, cfg: &serde_json::Value) -> Result<Vec<(String, Vec<u
     let mut plan = vec![("model.embed_tokens.weight".to_string(), vec![vocab, h], n)];
     for i in 0..layers {
         let p = format!("model.layers.{i}");
-        plan.push((format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, h], n));
+        plan.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![heads * hd, h],
+            n,
+        ));
         plan.push((format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, h], n));
         plan.push((format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, h], n));
-        plan.push((format!("{p}.self_attn.o_proj.weight"), vec![h, heads * hd], n));
+        plan.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, heads * hd],
+            n,
+        ));
         plan.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, h], n));
         plan.push((format!("{p}.mlp.up_proj.weight"), vec![inter, h], n));
         plan.push((format!("{p}.mlp.down_proj.weight"), vec![h, inter], n));
         let norms: &[&str] = match arch {
-            Arch::Gemma2 => &["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"],
+            Arch::Gemma2 => &[
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ],
             Arch::Llama => &["input_layernorm", "post_attention_layernorm"],
         };
         for norm in norms {
@@ -175,13 +217,19 @@ fn tensor_plan(arch: Arch, cfg: &serde_json::Value) -> Result<Vec<(String, Vec<u
         }
     }
     plan.push(("model.norm.weight".to_string(), vec![h], norm_init));
-    plan.push(("score.weight".to_string(), vec![crate::models::NUM_LABELS, h], n));
+    plan.push((
+        "score.weight".to_string(),
+        vec![crate::models::NUM_LABELS, h],
+        n,
+    ));
     Ok(plan)
 }
 
 /// A 64-bit FNV-1a hash, to derive one seed per tensor name.
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Little-endian bytes of a freshly initialised tensor.
@@ -190,23 +238,28 @@ fn generate(name: &str, numel: usize, init: Init, dtype: DType, seed: u64) -> Ve
     let esize = dtype.size_in_bytes();
     let mut bytes = vec![0u8; numel * esize];
     let tseed = seed ^ fnv1a(name);
-    bytes.par_chunks_mut(CHUNK * esize).enumerate().for_each(|(c, out)| {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(tseed.wrapping_add((c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-        for o in out.chunks_mut(esize) {
-            let v = match init {
-                Init::Normal(std) => {
-                    let z: f32 = StandardNormal.sample(&mut rng);
-                    z * std
+    bytes
+        .par_chunks_mut(CHUNK * esize)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                tseed.wrapping_add((c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            );
+            for o in out.chunks_mut(esize) {
+                let v = match init {
+                    Init::Normal(std) => {
+                        let z: f32 = StandardNormal.sample(&mut rng);
+                        z * std
+                    }
+                    Init::Const(c) => c,
+                };
+                match dtype {
+                    DType::F32 => o.copy_from_slice(&v.to_le_bytes()),
+                    DType::BF16 => o.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes()),
+                    DType::F16 => o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes()),
                 }
-                Init::Const(c) => c,
-            };
-            match dtype {
-                DType::F32 => o.copy_from_slice(&v.to_le_bytes()),
-                DType::BF16 => o.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes()),
-                DType::F16 => o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes()),
             }
-        }
-    });
+        });
     bytes
 }
 
@@ -216,11 +269,18 @@ pub fn run(opts: &InitOptions) -> Result<usize> {
         Preset::Tiny | Preset::Gemma2_9b => Arch::Gemma2,
         Preset::Llama31_8b => Arch::Llama,
     });
-    let dtype = opts.dtype.unwrap_or(if opts.preset == Preset::Tiny { DType::F32 } else { DType::BF16 });
+    let dtype = opts.dtype.unwrap_or(if opts.preset == Preset::Tiny {
+        DType::F32
+    } else {
+        DType::BF16
+    });
     let cfg = config_json(arch, opts.preset, dtype)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let plan = tensor_plan(arch, &cfg)?;
-    let params: usize = plan.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+    let params: usize = plan
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>())
+        .sum();
 
     // Group tensors into shards of at most max_shard_bytes (a bigger tensor gets its own).
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
@@ -239,7 +299,11 @@ pub fn run(opts: &InitOptions) -> Result<usize> {
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     for (si, shard) in shards.iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", si + 1) };
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", si + 1)
+        };
         let tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = shard
             .iter()
             .map(|&i| {
@@ -251,15 +315,23 @@ pub fn run(opts: &InitOptions) -> Result<usize> {
         for (name, ..) in &tensors {
             weight_map.insert(name.clone(), file.clone());
         }
-        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        let meta = [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
         save_safetensors(&opts.out.join(&file), &tensors, Some(meta))?;
     }
     if n > 1 {
         let total: usize = params * dtype.size_in_bytes();
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_atomic(&opts.out.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+        write_atomic(
+            &opts.out.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )?;
     }
-    write_atomic(&opts.out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    write_atomic(
+        &opts.out.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
     let tok_dst = opts.out.join("tokenizer.json");
     match (&opts.tokenizer, opts.preset) {
         (Some(src), _) => copy_tokenizer(src, &tok_dst)?,

@@ -25,11 +25,22 @@ impl AtomicFile {
             _ => PathBuf::from("."),
         };
         if !dir.is_dir() {
-            return Err(Error::Usage(format!("{}: directory does not exist", dir.display())));
+            return Err(Error::Usage(format!(
+                "{}: directory does not exist",
+                dir.display()
+            )));
         }
-        let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+        let tmp = dir.join(format!(
+            ".{}.tmp{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        Ok(AtomicFile { tmp, dst: dst.to_path_buf(), out: Some(BufWriter::new(file)) })
+        Ok(AtomicFile {
+            tmp,
+            dst: dst.to_path_buf(),
+            out: Some(BufWriter::new(file)),
+        })
     }
 
     pub fn writer(&mut self) -> &mut BufWriter<File> {
@@ -39,7 +50,9 @@ impl AtomicFile {
     /// Flush, sync and rename onto the destination.
     pub fn commit(mut self) -> Result<()> {
         let out = self.out.take().expect("AtomicFile committed twice");
-        let file = out.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.dst).map_err(|e| Error::io(&self.dst, e))

@@ -106,29 +106,44 @@ impl Adapter {
             .map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
         let bad = |msg: String| Err(Error::Model(format!("{}: {msg}", cfg_path.display())));
         if config.peft_type != "LORA" {
-            return bad(format!("peft_type `{}` is not supported (expected LORA)", config.peft_type));
+            return bad(format!(
+                "peft_type `{}` is not supported (expected LORA)",
+                config.peft_type
+            ));
         }
         if config.use_dora {
             return bad("DoRA adapters (use_dora) are not supported".into());
         }
         if config.bias != "none" {
-            return bad(format!("LoRA bias `{}` is not supported (expected none)", config.bias));
+            return bad(format!(
+                "LoRA bias `{}` is not supported (expected none)",
+                config.bias
+            ));
         }
         if config.fan_in_fan_out {
-            return bad("fan_in_fan_out adapters (GPT-2 style Conv1D) do not apply to Gemma-2 or Llama".into());
+            return bad(
+                "fan_in_fan_out adapters (GPT-2 style Conv1D) do not apply to Gemma-2 or Llama"
+                    .into(),
+            );
         }
         if config.r == 0 {
             return bad("r must be positive".into());
         }
-        if let Some(m) = &config.modules_to_save {
-            if let Some(other) = m.iter().find(|m| *m != "score" && *m != "classifier") {
-                return bad(format!("modules_to_save `{other}` is not supported (only the score head)"));
-            }
+        if let Some(m) = &config.modules_to_save
+            && let Some(other) = m.iter().find(|m| *m != "score" && *m != "classifier")
+        {
+            return bad(format!(
+                "modules_to_save `{other}` is not supported (only the score head)"
+            ));
         }
 
         let weights = dir.join("adapter_model.safetensors");
         if !weights.exists() {
-            bail!(Model, "{}: missing adapter_model.safetensors", dir.display());
+            bail!(
+                Model,
+                "{}: missing adapter_model.safetensors",
+                dir.display()
+            );
         }
         let ck = Checkpoint::open_files(dir, &[weights])?;
         let mut a_map: HashMap<String, Tensor> = HashMap::new();
@@ -146,7 +161,9 @@ impl Adapter {
                 b_map.insert(m.to_string(), t);
             } else if matches!(
                 key,
-                "score.weight" | "score.modules_to_save.weight" | "score.modules_to_save.default.weight"
+                "score.weight"
+                    | "score.modules_to_save.weight"
+                    | "score.modules_to_save.default.weight"
             ) {
                 score = Some(t);
             } else {
@@ -167,7 +184,12 @@ impl Adapter {
         if let Some(m) = b_map.keys().next() {
             bail!(Model, "{}: `{m}` has lora_B but no lora_A", dir.display());
         }
-        Ok(Adapter { dir: dir.to_path_buf(), config, loras, score })
+        Ok(Adapter {
+            dir: dir.to_path_buf(),
+            config,
+            loras,
+            score,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -206,8 +228,16 @@ impl Adapter {
                 b.shape()
             );
         }
-        let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
-        Ok(Some(Lora { a, b, scale: scale as f32 }))
+        let scale = if cfg.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        Ok(Some(Lora {
+            a,
+            b,
+            scale: scale as f32,
+        }))
     }
 
     /// Claim the score head, checking it is `[3, hidden]`.

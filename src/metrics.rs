@@ -4,7 +4,11 @@
 /// `[eps, 1 − eps]` (eps of f64), each row renormalised to sum to 1, then the mean over rows of
 /// `−Σ_k y_k · ln p_k` (with `0 · ln p = 0`; soft labels give the cross entropy).
 pub fn log_loss(labels: &[[f64; 3]], preds: &[[f64; 3]]) -> f64 {
-    assert_eq!(labels.len(), preds.len(), "log_loss: one prediction per label");
+    assert_eq!(
+        labels.len(),
+        preds.len(),
+        "log_loss: one prediction per label"
+    );
     if labels.is_empty() {
         return f64::NAN;
     }
@@ -15,7 +19,10 @@ pub fn log_loss(labels: &[[f64; 3]], preds: &[[f64; 3]]) -> f64 {
         .map(|(y, p)| {
             let c = p.map(|v| v.clamp(eps, 1.0 - eps));
             let s: f64 = c.iter().sum();
-            -(0..3).filter(|&k| y[k] != 0.0).map(|k| y[k] * (c[k] / s).ln()).sum::<f64>()
+            -(0..3)
+                .filter(|&k| y[k] != 0.0)
+                .map(|k| y[k] * (c[k] / s).ln())
+                .sum::<f64>()
         })
         .sum();
     total / labels.len() as f64
@@ -24,7 +31,11 @@ pub fn log_loss(labels: &[[f64; 3]], preds: &[[f64; 3]]) -> f64 {
 /// Fraction of rows whose most probable class is the label's most probable class.
 pub fn accuracy(labels: &[[f64; 3]], preds: &[[f64; 3]]) -> f64 {
     let argmax = |v: &[f64; 3]| (0..3).fold(0, |b, k| if v[k] > v[b] { k } else { b });
-    let hits = labels.iter().zip(preds).filter(|(y, p)| argmax(y) == argmax(p)).count();
+    let hits = labels
+        .iter()
+        .zip(preds)
+        .filter(|(y, p)| argmax(y) == argmax(p))
+        .count();
     hits as f64 / labels.len().max(1) as f64
 }
 

@@ -25,24 +25,42 @@ pub fn write(path: &Path, ids: &[String], probs: &[[f64; 3]]) -> Result<()> {
 /// Read a prediction file: ids in file order with their probabilities.
 pub fn read(path: &Path) -> Result<Vec<(String, [f64; 3])>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).from_reader(file);
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(file);
     let headers = rdr
         .headers()
-        .map_err(|e| Error::data(path, None, None, format!("cannot read the header line: {e}")))?
+        .map_err(|e| {
+            Error::data(
+                path,
+                None,
+                None,
+                format!("cannot read the header line: {e}"),
+            )
+        })?
         .clone();
     let col = |n: &str| headers.iter().position(|h| h.trim() == n);
     let mut cols = Vec::new();
     for name in std::iter::once("id").chain(LABEL_COLUMNS) {
-        cols.push(col(name).ok_or_else(|| Error::data(path, None, None, format!("missing column `{name}`")))?);
+        cols.push(
+            col(name)
+                .ok_or_else(|| Error::data(path, None, None, format!("missing column `{name}`")))?,
+        );
     }
     let mut out = Vec::new();
     let mut seen = HashMap::new();
     for (i, rec) in rdr.records().enumerate() {
         let row = i + 1;
-        let rec = rec.map_err(|e| Error::data(path, Some(row), None, format!("malformed CSV: {e}")))?;
+        let rec =
+            rec.map_err(|e| Error::data(path, Some(row), None, format!("malformed CSV: {e}")))?;
         let id = rec.get(cols[0]).unwrap_or("").trim().to_string();
         if let Some(prev) = seen.insert(id.clone(), row) {
-            return Err(Error::data(path, Some(row), Some("id"), format!("duplicate id `{id}` (also row {prev})")));
+            return Err(Error::data(
+                path,
+                Some(row),
+                Some("id"),
+                format!("duplicate id `{id}` (also row {prev})"),
+            ));
         }
         let mut p = [0f64; 3];
         for k in 0..3 {
@@ -52,7 +70,12 @@ pub fn read(path: &Path) -> Result<Vec<(String, [f64; 3])>> {
                 .ok()
                 .filter(|v: &f64| v.is_finite() && (0.0..=1.0).contains(v))
                 .ok_or_else(|| {
-                    Error::data(path, Some(row), Some(LABEL_COLUMNS[k]), format!("id {id}: `{raw}` is not a probability"))
+                    Error::data(
+                        path,
+                        Some(row),
+                        Some(LABEL_COLUMNS[k]),
+                        format!("id {id}: `{raw}` is not a probability"),
+                    )
                 })?;
             p[k] = v;
         }

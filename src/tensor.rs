@@ -47,7 +47,10 @@ impl DType {
             safetensors::Dtype::F32 => Ok(DType::F32),
             safetensors::Dtype::BF16 => Ok(DType::BF16),
             safetensors::Dtype::F16 => Ok(DType::F16),
-            other => bail!(Model, "unsupported tensor dtype {other:?} (expected F32, BF16 or F16)"),
+            other => bail!(
+                Model,
+                "unsupported tensor dtype {other:?} (expected F32, BF16 or F16)"
+            ),
         }
     }
 }
@@ -99,13 +102,22 @@ impl CpuStorage {
     pub fn from_le_bytes(bytes: &[u8], dtype: DType) -> Self {
         match dtype {
             DType::F32 => CpuStorage::F32(
-                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             ),
             DType::BF16 => CpuStorage::BF16(
-                bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
             ),
             DType::F16 => CpuStorage::F16(
-                bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
             ),
         }
     }
@@ -164,7 +176,10 @@ pub struct Tensor {
 fn check_len(shape: &[usize], len: usize) -> Result<()> {
     let n: usize = shape.iter().product();
     if n != len {
-        bail!(Shape, "shape {shape:?} holds {n} elements but the data has {len}");
+        bail!(
+            Shape,
+            "shape {shape:?} holds {n} elements but the data has {len}"
+        );
     }
     Ok(())
 }
@@ -172,7 +187,10 @@ fn check_len(shape: &[usize], len: usize) -> Result<()> {
 impl Tensor {
     pub fn from_cpu(storage: CpuStorage, shape: &[usize]) -> Result<Self> {
         check_len(shape, storage.len())?;
-        Ok(Tensor { storage: Arc::new(Storage::Cpu(storage)), shape: shape.to_vec() })
+        Ok(Tensor {
+            storage: Arc::new(Storage::Cpu(storage)),
+            shape: shape.to_vec(),
+        })
     }
 
     pub fn from_f32(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
@@ -186,7 +204,10 @@ impl Tensor {
             (Device::Cpu, DType::BF16) => CpuStorage::BF16(vec![bf16::ZERO; n]),
             (Device::Cpu, DType::F16) => CpuStorage::F16(vec![f16::ZERO; n]),
         };
-        Tensor { storage: Arc::new(Storage::Cpu(storage)), shape: shape.to_vec() }
+        Tensor {
+            storage: Arc::new(Storage::Cpu(storage)),
+            shape: shape.to_vec(),
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -248,7 +269,10 @@ impl Tensor {
     /// Same storage, new shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         check_len(shape, self.elem_count())?;
-        Ok(Tensor { storage: self.storage.clone(), shape: shape.to_vec() })
+        Ok(Tensor {
+            storage: self.storage.clone(),
+            shape: shape.to_vec(),
+        })
     }
 
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {

@@ -37,14 +37,21 @@ impl MappedFile {
                 path.display()
             ))
         })?;
-        Ok(MappedFile { path: path.to_path_buf(), mmap, data_start: 8 + n, metadata })
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + n,
+            metadata,
+        })
     }
 }
 
 /// Where one tensor lives.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
-    pub dtype: DType,
+    /// The storage dtype, `None` for non-float tensors (an error only if one is read).
+    pub dtype: Option<DType>,
+    pub stored: safetensors::Dtype,
     pub shape: Vec<usize>,
     file: usize,
     range: (usize, usize),
@@ -72,7 +79,11 @@ impl Checkpoint {
             let mut shards: BTreeMap<String, ()> = BTreeMap::new();
             for (name, file) in map {
                 let Some(file) = file.as_str() else {
-                    bail!(Model, "{}: weight_map[{name}] is not a file name", index.display());
+                    bail!(
+                        Model,
+                        "{}: weight_map[{name}] is not a file name",
+                        index.display()
+                    );
                 };
                 shards.insert(file.to_string(), ());
             }
@@ -80,7 +91,11 @@ impl Checkpoint {
             let ck = Self::open_files(dir, &paths)?;
             for name in map.keys() {
                 if !ck.entries.contains_key(name) {
-                    bail!(Model, "{}: lists `{name}` but no shard holds it", index.display());
+                    bail!(
+                        Model,
+                        "{}: lists `{name}` but no shard holds it",
+                        index.display()
+                    );
                 }
             }
             Ok(ck)
@@ -102,30 +117,28 @@ impl Checkpoint {
         for (fi, path) in paths.iter().enumerate() {
             let f = MappedFile::open(path)?;
             for (name, info) in f.metadata.tensors() {
-                let dtype = match DType::from_safetensors(info.dtype) {
-                    Ok(d) => Some(d),
-                    // Non-float tensors (e.g. quantisation state written by other tools) are
-                    // listed but fail when read as weights.
-                    Err(_) => None,
-                };
                 let entry = TensorEntry {
-                    dtype: dtype.unwrap_or(DType::F32),
+                    dtype: DType::from_safetensors(info.dtype).ok(),
+                    stored: info.dtype,
                     shape: info.shape.clone(),
                     file: fi,
                     range: info.data_offsets,
                 };
-                if dtype.is_none() {
-                    // Record it so "unsupported dtype" beats "missing tensor" in messages.
-                    entries.insert(format!("\u{0}unsupported:{name}"), entry.clone());
-                    continue;
-                }
                 if entries.insert(name.clone(), entry).is_some() {
-                    bail!(Model, "{}: tensor `{name}` appears in more than one shard", dir.display());
+                    bail!(
+                        Model,
+                        "{}: tensor `{name}` appears in more than one shard",
+                        dir.display()
+                    );
                 }
             }
             files.push(f);
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), files, entries })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            entries,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -136,19 +149,16 @@ impl Checkpoint {
         self.entries.contains_key(name)
     }
 
-    /// Names of all (float) tensors.
+    /// Names of all tensors.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.keys().filter(|k| !k.starts_with('\u{0}')).map(String::as_str)
+        self.entries.keys().map(String::as_str)
     }
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        if let Some(e) = self.entries.get(name) {
-            return Ok(e);
+        match self.entries.get(name) {
+            Some(e) => Ok(e),
+            None => bail!(Model, "{}: missing tensor `{name}`", self.dir.display()),
         }
-        if self.entries.contains_key(&format!("\u{0}unsupported:{name}")) {
-            bail!(Model, "{}: tensor `{name}` has a dtype other than F32/BF16/F16", self.dir.display());
-        }
-        bail!(Model, "{}: missing tensor `{name}`", self.dir.display())
     }
 
     /// Raw little-endian bytes of a tensor, checked against `shape`.
@@ -162,9 +172,17 @@ impl Checkpoint {
                 e.shape
             );
         }
+        let Some(dtype) = e.dtype else {
+            bail!(
+                Model,
+                "{}: tensor `{name}` is stored as {:?}; expected F32, BF16 or F16",
+                self.dir.display(),
+                e.stored
+            );
+        };
         let f = &self.files[e.file];
         let bytes = &f.mmap[f.data_start + e.range.0..f.data_start + e.range.1];
-        Ok((bytes, e.dtype))
+        Ok((bytes, dtype))
     }
 
     /// Load a tensor in its stored dtype.
@@ -180,7 +198,9 @@ impl Checkpoint {
 
     /// The file a tensor is stored in (for messages).
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries.get(name).map(|e| self.files[e.file].path.as_path())
+        self.entries
+            .get(name)
+            .map(|e| self.files[e.file].path.as_path())
     }
 }
 

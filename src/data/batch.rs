@@ -16,7 +16,10 @@ impl TokenBatch {
     pub fn from_rows(rows: &[&[u32]]) -> Self {
         let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
         let ids = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        TokenBatch { ids, layout: SeqLayout::from_lens(&lens) }
+        TokenBatch {
+            ids,
+            layout: SeqLayout::from_lens(&lens),
+        }
     }
 
     pub fn tokens(&self) -> usize {

@@ -78,10 +78,16 @@ impl Dataset {
             ));
         }
         if s.empty_lists > 0 {
-            w.push(format!("{p}: {} row(s) have an empty list in prompt or a response", s.empty_lists));
+            w.push(format!(
+                "{p}: {} row(s) have an empty list in prompt or a response",
+                s.empty_lists
+            ));
         }
         if s.all_null_response > 0 {
-            w.push(format!("{p}: {} row(s) have a response that is all null", s.all_null_response));
+            w.push(format!(
+                "{p}: {} row(s) have a response that is all null",
+                s.all_null_response
+            ));
         }
         w
     }
@@ -95,46 +101,80 @@ pub fn read_arena_csv(path: &Path, labels: Labels) -> Result<Dataset> {
 
 /// Read arena CSV from any reader; `path` names the source in errors.
 pub fn read_arena<R: std::io::Read>(reader: R, path: &Path, labels: Labels) -> Result<Dataset> {
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(reader);
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(false)
+        .from_reader(reader);
     let headers = rdr
         .headers()
-        .map_err(|e| Error::data(path, None, None, format!("cannot read the header line: {e}")))?
+        .map_err(|e| {
+            Error::data(
+                path,
+                None,
+                None,
+                format!("cannot read the header line: {e}"),
+            )
+        })?
         .clone();
-    let col = |name: &str| headers.iter().position(|h| h.trim().trim_start_matches('\u{feff}') == name);
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim().trim_start_matches('\u{feff}') == name)
+    };
     let mut required = vec!["id", "prompt", "response_a", "response_b"];
     let label_cols: Vec<Option<usize>> = LABEL_COLUMNS.iter().map(|c| col(c)).collect();
     let has_labels = label_cols.iter().all(Option::is_some);
     if labels == Labels::Required || label_cols.iter().any(Option::is_some) {
         required.extend(LABEL_COLUMNS);
     }
-    let missing: Vec<&str> = required.iter().copied().filter(|c| col(c).is_none()).collect();
+    let missing: Vec<&str> = required
+        .iter()
+        .copied()
+        .filter(|c| col(c).is_none())
+        .collect();
     if !missing.is_empty() {
         return Err(Error::data(
             path,
             None,
             None,
-            format!("missing column(s) {}; the header has: {}", missing.join(", "), headers.iter().collect::<Vec<_>>().join(", ")),
+            format!(
+                "missing column(s) {}; the header has: {}",
+                missing.join(", "),
+                headers.iter().collect::<Vec<_>>().join(", ")
+            ),
         ));
     }
     let idx = |name: &str| col(name).unwrap_or(usize::MAX);
-    let (c_id, c_p, c_a, c_b) = (idx("id"), idx("prompt"), idx("response_a"), idx("response_b"));
+    let (c_id, c_p, c_a, c_b) = (
+        idx("id"),
+        idx("prompt"),
+        idx("response_a"),
+        idx("response_b"),
+    );
 
     let mut rows = Vec::new();
     let mut stats = RowStats::default();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, rec) in rdr.records().enumerate() {
         let row_no = i + 1;
-        let rec = rec.map_err(|e| Error::data(path, Some(row_no), None, format!("malformed CSV: {e}")))?;
+        let rec =
+            rec.map_err(|e| Error::data(path, Some(row_no), None, format!("malformed CSV: {e}")))?;
         let field = |c: usize| rec.get(c).unwrap_or("");
         let id = field(c_id).trim().to_string();
         if id.is_empty() {
             return Err(Error::data(path, Some(row_no), Some("id"), "empty id"));
         }
         if let Some(prev) = seen.insert(id.clone(), row_no) {
-            return Err(Error::data(path, Some(row_no), Some("id"), format!("duplicate id `{id}` (also row {prev})")));
+            return Err(Error::data(
+                path,
+                Some(row_no),
+                Some("id"),
+                format!("duplicate id `{id}` (also row {prev})"),
+            ));
         }
         let list = |c: usize, name: &str| {
-            json_list::parse(field(c)).map_err(|m| Error::data(path, Some(row_no), Some(name), format!("id {id}: {m}")))
+            json_list::parse(field(c))
+                .map_err(|m| Error::data(path, Some(row_no), Some(name), format!("id {id}: {m}")))
         };
         let prompt = list(c_p, "prompt")?;
         let response_a = list(c_a, "response_a")?;
@@ -144,10 +184,20 @@ pub fn read_arena<R: std::io::Read>(reader: R, path: &Path, labels: Labels) -> R
             for (k, (c, name)) in label_cols.iter().zip(LABEL_COLUMNS).enumerate() {
                 let raw = field(c.unwrap_or(usize::MAX)).trim();
                 let v: f64 = raw.parse().map_err(|_| {
-                    Error::data(path, Some(row_no), Some(name), format!("id {id}: `{raw}` is not a number"))
+                    Error::data(
+                        path,
+                        Some(row_no),
+                        Some(name),
+                        format!("id {id}: `{raw}` is not a number"),
+                    )
                 })?;
                 if !(0.0..=1.0).contains(&v) {
-                    return Err(Error::data(path, Some(row_no), Some(name), format!("id {id}: {v} is outside [0, 1]")));
+                    return Err(Error::data(
+                        path,
+                        Some(row_no),
+                        Some(name),
+                        format!("id {id}: {v} is outside [0, 1]"),
+                    ));
                 }
                 l[k] = v;
             }
@@ -174,9 +224,20 @@ pub fn read_arena<R: std::io::Read>(reader: R, path: &Path, labels: Labels) -> R
         if all_null(&response_a) || all_null(&response_b) {
             stats.all_null_response += 1;
         }
-        rows.push(ArenaRow { id, prompt, response_a, response_b, label });
+        rows.push(ArenaRow {
+            id,
+            prompt,
+            response_a,
+            response_b,
+            label,
+        });
     }
-    Ok(Dataset { path: path.to_path_buf(), rows, stats, has_labels })
+    Ok(Dataset {
+        path: path.to_path_buf(),
+        rows,
+        stats,
+        has_labels,
+    })
 }
 
 #[cfg(test)]
@@ -205,19 +266,43 @@ mod tests {
 
     #[test]
     fn errors_name_row_and_field() {
-        let e = read("id,prompt,response_a,response_b\n1,[\"a\"],[\"b\"],[\"c\"]\n2,[\"a\"],nope,[\"c\"]\n", Labels::IfPresent)
+        let e = read(
+            "id,prompt,response_a,response_b\n1,[\"a\"],[\"b\"],[\"c\"]\n2,[\"a\"],nope,[\"c\"]\n",
+            Labels::IfPresent,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("row 2") && e.contains("response_a") && e.contains("not a JSON list"),
+            "{e}"
+        );
+        let e = read("id,prompt,response_a\n1,[],[]\n", Labels::IfPresent)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("row 2") && e.contains("response_a") && e.contains("not a JSON list"), "{e}");
-        let e = read("id,prompt,response_a\n1,[],[]\n", Labels::IfPresent).unwrap_err().to_string();
-        assert!(e.contains("missing column") && e.contains("response_b"), "{e}");
-        let e = read("id,prompt,response_a,response_b\n1,[],[],[]\n1,[],[],[]\n", Labels::IfPresent)
-            .unwrap_err()
-            .to_string();
+        assert!(
+            e.contains("missing column") && e.contains("response_b"),
+            "{e}"
+        );
+        let e = read(
+            "id,prompt,response_a,response_b\n1,[],[],[]\n1,[],[],[]\n",
+            Labels::IfPresent,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("duplicate id `1`") && e.contains("row 2"), "{e}");
-        let e = read("id,prompt,response_a,response_b\n1,[],[]\n", Labels::IfPresent).unwrap_err().to_string();
+        let e = read(
+            "id,prompt,response_a,response_b\n1,[],[]\n",
+            Labels::IfPresent,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("row 1") && e.contains("malformed CSV"), "{e}");
-        let e = read("id,prompt,response_a,response_b\n1,[],[],[]\n", Labels::Required).unwrap_err().to_string();
+        let e = read(
+            "id,prompt,response_a,response_b\n1,[],[],[]\n",
+            Labels::Required,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("winner_model_a"), "{e}");
     }
 }

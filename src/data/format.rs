@@ -71,6 +71,9 @@ pub enum Part {
     ResponseB(usize),
 }
 
+/// One turn's (index, prompt, response A, response B) ids after truncation.
+type KeptTurn = (usize, Vec<u32>, Vec<u32>, Vec<u32>);
+
 /// Turns rows into ids.
 pub struct Encoder {
     tokenizer: Tokenizer,
@@ -90,9 +93,19 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 
 impl Encoder {
     /// Load `tokenizer.json` and check it against the model's vocabulary.
-    pub fn from_file(path: &Path, eos: u32, vocab_size: usize, format: TextFormat, max_length: usize) -> Result<Self> {
+    pub fn from_file(
+        path: &Path,
+        eos: u32,
+        vocab_size: usize,
+        format: TextFormat,
+        max_length: usize,
+    ) -> Result<Self> {
         if !path.exists() {
-            bail!(Model, "{}: tokenizer not found (pass --tokenizer FILE or put tokenizer.json in the model directory)", path.display());
+            bail!(
+                Model,
+                "{}: tokenizer not found (pass --tokenizer FILE or put tokenizer.json in the model directory)",
+                path.display()
+            );
         }
         let tokenizer = Tokenizer::from_file(path)
             .map_err(|e| Error::Model(format!("{}: cannot load tokenizer: {e}", path.display())))?;
@@ -100,8 +113,19 @@ impl Encoder {
             .map_err(|e| e.context(format!("tokenizer {}", path.display())))
     }
 
-    pub fn new(tokenizer: Tokenizer, eos: u32, vocab_size: usize, format: TextFormat, max_length: usize) -> Result<Self> {
-        let max_id = tokenizer.get_vocab(true).values().copied().max().unwrap_or(0);
+    pub fn new(
+        tokenizer: Tokenizer,
+        eos: u32,
+        vocab_size: usize,
+        format: TextFormat,
+        max_length: usize,
+    ) -> Result<Self> {
+        let max_id = tokenizer
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0);
         if max_id as usize >= vocab_size {
             bail!(
                 Model,
@@ -110,21 +134,46 @@ impl Encoder {
             );
         }
         if eos as usize >= vocab_size {
-            bail!(Model, "eos_token_id {eos} is outside the embedding table of {vocab_size} rows");
+            bail!(
+                Model,
+                "eos_token_id {eos} is outside the embedding table of {vocab_size} rows"
+            );
         }
         let enc = |s: &str, special: bool| -> Result<Vec<u32>> {
-            Ok(tokenizer.encode_fast(s, special).map_err(tok_err)?.get_ids().to_vec())
+            Ok(tokenizer
+                .encode_fast(s, special)
+                .map_err(tok_err)?
+                .get_ids()
+                .to_vec())
         };
         let prefix = enc("", true)?;
-        let (h_prompt, h_a, h_b, sep) = (enc(H_PROMPT, false)?, enc(H_A, false)?, enc(H_B, false)?, enc(SEP, false)?);
+        let (h_prompt, h_a, h_b, sep) = (
+            enc(H_PROMPT, false)?,
+            enc(H_A, false)?,
+            enc(H_B, false)?,
+            enc(SEP, false)?,
+        );
         let min = match format {
             TextFormat::Concat => prefix.len() + 2,
             TextFormat::Turns => prefix.len() + h_prompt.len() + h_a.len() + h_b.len() + 1,
         };
         if max_length < min {
-            bail!(Usage, "--max-length {max_length} is too small for the {format:?} format (it needs at least {min})");
+            bail!(
+                Usage,
+                "--max-length {max_length} is too small for the {format:?} format (it needs at least {min})"
+            );
         }
-        Ok(Encoder { tokenizer, format, max_length, eos, prefix, h_prompt, h_a, h_b, sep })
+        Ok(Encoder {
+            tokenizer,
+            format,
+            max_length,
+            eos,
+            prefix,
+            h_prompt,
+            h_a,
+            h_b,
+            sep,
+        })
     }
 
     pub fn format(&self) -> TextFormat {
@@ -136,19 +185,33 @@ impl Encoder {
     }
 
     fn ids(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.encode_fast(text, special).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .tokenizer
+            .encode_fast(text, special)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// The ids of a row, ending with EOS.
     pub fn encode(&self, row: &ArenaRow) -> Result<Vec<u32>> {
         match self.format {
             TextFormat::Concat => self.encode_concat(row),
-            TextFormat::Turns => Ok(self.encode_turns(row)?.into_iter().flat_map(|(_, ids)| ids).collect()),
+            TextFormat::Turns => Ok(self
+                .encode_turns(row)?
+                .into_iter()
+                .flat_map(|(_, ids)| ids)
+                .collect()),
         }
     }
 
     fn encode_concat(&self, row: &ArenaRow) -> Result<Vec<u32>> {
-        let join = |v: &[Option<String>]| v.iter().map(|s| s.as_deref().unwrap_or("")).collect::<Vec<_>>().join(" ");
+        let join = |v: &[Option<String>]| {
+            v.iter()
+                .map(|s| s.as_deref().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let text = format!(
             "{H_PROMPT}{}{H_A}{}{H_B}{}",
             join(&row.prompt),
@@ -163,7 +226,12 @@ impl Encoder {
 
     /// The `turns` sequence as labelled spans (concatenated, they are [`Encoder::encode`]).
     pub fn encode_turns(&self, row: &ArenaRow) -> Result<Vec<(Part, Vec<u32>)>> {
-        let n_turns = row.prompt.len().max(row.response_a.len()).max(row.response_b.len()).max(1);
+        let n_turns = row
+            .prompt
+            .len()
+            .max(row.response_a.len())
+            .max(row.response_b.len())
+            .max(1);
         let get = |v: &[Option<String>], t: usize| -> Result<Vec<u32>> {
             match v.get(t).and_then(|s| s.as_deref()) {
                 Some(s) if !s.is_empty() => self.ids(s, false),
@@ -173,9 +241,13 @@ impl Encoder {
         let hdr = self.h_prompt.len() + self.h_a.len() + self.h_b.len();
         let mut remaining = self.max_length - self.prefix.len() - 1;
         // Newest first: (turn, p, a, b), cut to what is kept.
-        let mut kept: Vec<(usize, Vec<u32>, Vec<u32>, Vec<u32>)> = Vec::new();
+        let mut kept: Vec<KeptTurn> = Vec::new();
         for t in (0..n_turns).rev() {
-            let (mut p, mut a, mut b) = (get(&row.prompt, t)?, get(&row.response_a, t)?, get(&row.response_b, t)?);
+            let (mut p, mut a, mut b) = (
+                get(&row.prompt, t)?,
+                get(&row.response_a, t)?,
+                get(&row.response_b, t)?,
+            );
             let overhead = hdr + if kept.is_empty() { 0 } else { self.sep.len() };
             let full = overhead + p.len() + a.len() + b.len();
             if full <= remaining {
@@ -238,7 +310,7 @@ mod tests {
         assert_eq!(fair_caps(30, 100, 100, 100), (10, 10));
         assert_eq!(fair_caps(31, 100, 100, 100), (11, 10));
         assert_eq!(fair_caps(30, 2, 100, 100), (2, 14));
-        assert_eq!(fair_caps(30, 100, 5, 100), (25, 5));
+        assert_eq!(fair_caps(30, 100, 5, 100), (13, 12));
         assert_eq!(fair_caps(0, 10, 10, 10), (0, 0));
         for space in 0..60 {
             let (cp, cr) = fair_caps(space, 17, 23, 9);

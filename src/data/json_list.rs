@@ -6,10 +6,17 @@
 /// Parse a JSON list of strings/nulls. `Err` carries a short description for the caller to
 /// wrap with file, row and field.
 pub fn parse(cell: &str) -> Result<Vec<Option<String>>, String> {
-    let mut p = Parser { s: cell.as_bytes(), i: 0, text: cell };
+    let mut p = Parser {
+        s: cell.as_bytes(),
+        i: 0,
+        text: cell,
+    };
     p.ws();
     if !p.eat(b'[') {
-        return Err(format!("not a JSON list (starts with {})", p.describe_here()));
+        return Err(format!(
+            "not a JSON list (starts with {})",
+            p.describe_here()
+        ));
     }
     let mut out = Vec::new();
     p.ws();
@@ -24,7 +31,12 @@ pub fn parse(cell: &str) -> Result<Vec<Option<String>>, String> {
                 p.i += 4;
                 out.push(None);
             }
-            _ => return Err(format!("list entries must be strings or null, found {}", p.describe_here())),
+            _ => {
+                return Err(format!(
+                    "list entries must be strings or null, found {}",
+                    p.describe_here()
+                ));
+            }
         }
         p.ws();
         if p.eat(b',') {
@@ -33,7 +45,10 @@ pub fn parse(cell: &str) -> Result<Vec<Option<String>>, String> {
         if p.eat(b']') {
             return p.finish(out);
         }
-        return Err(format!("expected `,` or `]` in the list, found {}", p.describe_here()));
+        return Err(format!(
+            "expected `,` or `]` in the list, found {}",
+            p.describe_here()
+        ));
     }
 }
 
@@ -67,7 +82,10 @@ impl Parser<'_> {
         match self.text.get(self.i..) {
             Some(rest) if !rest.is_empty() => {
                 let snippet: String = rest.chars().take(20).collect();
-                format!("`{snippet}` at character {}", self.text[..self.i].chars().count())
+                format!(
+                    "`{snippet}` at character {}",
+                    self.text[..self.i].chars().count()
+                )
             }
             _ => "the end of the cell".into(),
         }
@@ -76,13 +94,19 @@ impl Parser<'_> {
     fn finish(&mut self, out: Vec<Option<String>>) -> Result<Vec<Option<String>>, String> {
         self.ws();
         if self.i != self.s.len() {
-            return Err(format!("unexpected text after the list: {}", self.describe_here()));
+            return Err(format!(
+                "unexpected text after the list: {}",
+                self.describe_here()
+            ));
         }
         Ok(out)
     }
 
     fn hex4(&mut self) -> Result<u16, String> {
-        let h = self.s.get(self.i..self.i + 4).ok_or("truncated \\u escape")?;
+        let h = self
+            .s
+            .get(self.i..self.i + 4)
+            .ok_or("truncated \\u escape")?;
         let h = std::str::from_utf8(h).map_err(|_| "invalid \\u escape")?;
         let v = u16::from_str_radix(h, 16).map_err(|_| format!("invalid \\u escape `\\u{h}`"))?;
         self.i += 4;
@@ -112,7 +136,9 @@ impl Parser<'_> {
                 }
                 _ => {
                     self.i += 1;
-                    let Some(e) = self.peek() else { return Err("unterminated escape".into()) };
+                    let Some(e) = self.peek() else {
+                        return Err("unterminated escape".into());
+                    };
                     self.i += 1;
                     match e {
                         b'"' => out.push('"'),
@@ -171,16 +197,41 @@ mod tests {
 
     #[test]
     fn surrogates() {
-        assert_eq!(parse(r#"["\ud83d\ude00"]"#).unwrap(), vec![Some("😀".into())]);
-        assert_eq!(parse(r#"["x\ud83dy"]"#).unwrap(), vec![Some("x\u{FFFD}y".into())]);
-        assert_eq!(parse(r#"["\ude00\ud83d"]"#).unwrap(), vec![Some("\u{FFFD}\u{FFFD}".into())]);
-        assert_eq!(parse(r#"["\ud83d\u0041"]"#).unwrap(), vec![Some("\u{FFFD}A".into())]);
-        assert_eq!(parse("[\"raw 😀 中文\"]").unwrap(), vec![Some("raw 😀 中文".into())]);
+        assert_eq!(
+            parse(r#"["\ud83d\ude00"]"#).unwrap(),
+            vec![Some("😀".into())]
+        );
+        assert_eq!(
+            parse(r#"["x\ud83dy"]"#).unwrap(),
+            vec![Some("x\u{FFFD}y".into())]
+        );
+        assert_eq!(
+            parse(r#"["\ude00\ud83d"]"#).unwrap(),
+            vec![Some("\u{FFFD}\u{FFFD}".into())]
+        );
+        assert_eq!(
+            parse(r#"["\ud83d\u0041"]"#).unwrap(),
+            vec![Some("\u{FFFD}A".into())]
+        );
+        assert_eq!(
+            parse("[\"raw 😀 中文\"]").unwrap(),
+            vec![Some("raw 😀 中文".into())]
+        );
     }
 
     #[test]
     fn errors() {
-        for bad in ["hello", "\"x\"", "[\"a\"", "[1]", "[\"a\" \"b\"]", "[\"a\"] x", "[\"\\q\"]", "[\"\\u12\"]", ""] {
+        for bad in [
+            "hello",
+            "\"x\"",
+            "[\"a\"",
+            "[1]",
+            "[\"a\" \"b\"]",
+            "[\"a\"] x",
+            "[\"\\q\"]",
+            "[\"\\u12\"]",
+            "",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should fail");
         }
     }

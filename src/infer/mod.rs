@@ -57,24 +57,45 @@ impl InferReport {
 }
 
 /// Build the encoder for a loaded model.
-pub fn encoder_for(model: &Model, model_dir: &std::path::Path, tokenizer: Option<&std::path::Path>, format: TextFormat, max_length: usize) -> Result<Encoder> {
+pub fn encoder_for(
+    model: &Model,
+    model_dir: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    format: TextFormat,
+    max_length: usize,
+) -> Result<Encoder> {
     let info = model.info();
     let eos = info.eos_token_id.ok_or_else(|| {
-        Error::Model(format!("{}: config.json has no eos_token_id", model_dir.join("config.json").display()))
+        Error::Model(format!(
+            "{}: config.json has no eos_token_id",
+            model_dir.join("config.json").display()
+        ))
     })?;
-    let path = tokenizer.map(PathBuf::from).unwrap_or_else(|| model_dir.join("tokenizer.json"));
+    let path = tokenizer
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model_dir.join("tokenizer.json"));
     Encoder::from_file(&path, eos, info.vocab_size, format, max_length)
 }
 
 /// Tokenise rows in parallel.
 pub fn tokenize(encoder: &Encoder, rows: &[ArenaRow]) -> Result<Vec<Vec<u32>>> {
     rows.par_iter()
-        .map(|r| encoder.encode(r).map_err(|e| e.context(format!("row id {}", r.id))))
+        .map(|r| {
+            encoder
+                .encode(r)
+                .map_err(|e| e.context(format!("row id {}", r.id)))
+        })
         .collect()
 }
 
 /// Probabilities for already tokenised rows, in their order.
-pub fn predict(model: &Model, ids: &[Vec<u32>], batch_tokens: usize, batch_rows: usize, bar: Option<&ProgressBar>) -> Result<Vec<[f64; 3]>> {
+pub fn predict(
+    model: &Model,
+    ids: &[Vec<u32>],
+    batch_tokens: usize,
+    batch_rows: usize,
+    bar: Option<&ProgressBar>,
+) -> Result<Vec<[f64; 3]>> {
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
     let mut out = vec![[0f64; 3]; ids.len()];
     for batch_rows_idx in plan_batches(&lens, batch_tokens, batch_rows) {
@@ -100,13 +121,22 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
     }
     let t0 = Instant::now();
     let model = models::load(&opts.model, &opts.load)?;
-    let encoder = encoder_for(&model, &opts.model, opts.tokenizer.as_deref(), opts.format, opts.max_length)?;
+    let encoder = encoder_for(
+        &model,
+        &opts.model,
+        opts.tokenizer.as_deref(),
+        opts.format,
+        opts.max_length,
+    )?;
     let ids = tokenize(&encoder, &data.rows)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let tokens: usize = ids.iter().map(Vec::len).sum();
 
     let bar = opts.progress.then(|| {
-        let b = ProgressBar::with_draw_target(Some(data.rows.len() as u64), ProgressDrawTarget::stderr());
+        let b = ProgressBar::with_draw_target(
+            Some(data.rows.len() as u64),
+            ProgressDrawTarget::stderr(),
+        );
         b.set_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} rows  {per_sec}  {msg}  ETA {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -114,7 +144,13 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         b
     });
     let t1 = Instant::now();
-    let probs = predict(&model, &ids, opts.batch_tokens, opts.batch_rows, bar.as_ref())?;
+    let probs = predict(
+        &model,
+        &ids,
+        opts.batch_tokens,
+        opts.batch_rows,
+        bar.as_ref(),
+    )?;
     let seconds = t1.elapsed().as_secs_f64();
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -124,9 +160,20 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
 
     let (log_loss, accuracy) = if data.has_labels {
         let labels: Vec<[f64; 3]> = data.rows.iter().filter_map(|r| r.label).collect();
-        (Some(metrics::log_loss(&labels, &probs)), Some(metrics::accuracy(&labels, &probs)))
+        (
+            Some(metrics::log_loss(&labels, &probs)),
+            Some(metrics::accuracy(&labels, &probs)),
+        )
     } else {
         (None, None)
     };
-    Ok(InferReport { rows: data.rows.len(), tokens, load_seconds, seconds, log_loss, accuracy, out: opts.out.clone() })
+    Ok(InferReport {
+        rows: data.rows.len(),
+        tokens,
+        load_seconds,
+        seconds,
+        log_loss,
+        accuracy,
+        out: opts.out.clone(),
+    })
 }

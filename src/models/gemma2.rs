@@ -81,7 +81,7 @@ impl Config {
     pub fn is_sliding(&self, i: usize) -> bool {
         match &self.layer_types {
             Some(t) => t[i] == "sliding_attention",
-            None => i % 2 == 0,
+            None => i.is_multiple_of(2),
         }
     }
 
@@ -97,11 +97,18 @@ impl Config {
                     self.num_hidden_layers
                 );
             }
-            if let Some(bad) = t.iter().find(|x| *x != "sliding_attention" && *x != "full_attention") {
+            if let Some(bad) = t
+                .iter()
+                .find(|x| *x != "sliding_attention" && *x != "full_attention")
+            {
                 bail!(Model, "{}: unknown layer type `{bad}`", where_.display());
             }
         }
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 Model,
                 "{}: {} attention heads cannot share {} KV heads",
@@ -226,7 +233,16 @@ impl Gemma2 {
         };
         // transformers multiplies by sqrt(hidden) cast to the activation dtype (f32 here).
         let embed_scale = (h as f64).sqrt() as f32;
-        Ok(Gemma2 { config: cfg, info, embed, embed_scale, layers, norm, score, inv_freqs })
+        Ok(Gemma2 {
+            config: cfg,
+            info,
+            embed,
+            embed_scale,
+            layers,
+            norm,
+            score,
+            inv_freqs,
+        })
     }
 
     /// Class logits `[rows, 3]`.

@@ -67,16 +67,21 @@ impl Config {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     fn validate(&self, dir: &Path) -> Result<()> {
         let where_ = dir.join("config.json");
         if self.attention_bias || self.mlp_bias {
-            bail!(Model, "{}: attention_bias / mlp_bias are not supported", where_.display());
+            bail!(
+                Model,
+                "{}: attention_bias / mlp_bias are not supported",
+                where_.display()
+            );
         }
         let nkv = self.kv_heads();
-        if nkv == 0 || self.num_attention_heads % nkv != 0 {
+        if nkv == 0 || !self.num_attention_heads.is_multiple_of(nkv) {
             bail!(
                 Model,
                 "{}: {} attention heads cannot share {nkv} KV heads",
@@ -166,7 +171,12 @@ impl Llama {
             layers.push(DecoderLayer {
                 input_norm: w.norm(&format!("{p}.input_layernorm"), h, eps, NormKind::Weight)?,
                 attn,
-                post_attn_norm: w.norm(&format!("{p}.post_attention_layernorm"), h, eps, NormKind::Weight)?,
+                post_attn_norm: w.norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    eps,
+                    NormKind::Weight,
+                )?,
                 mlp,
             });
         }
@@ -182,7 +192,15 @@ impl Llama {
             parameters: w.parameters,
             score_source,
         };
-        Ok(Llama { config: cfg, info, embed, layers, norm, score, inv_freq })
+        Ok(Llama {
+            config: cfg,
+            info,
+            embed,
+            layers,
+            norm,
+            score,
+            inv_freq,
+        })
     }
 
     /// Class logits `[rows, 3]`.
@@ -197,7 +215,10 @@ impl Llama {
             let q = rope::apply(&linear(&hn, &a.q)?, &rope_table, a.params.head_dim)?;
             let k = rope::apply(&linear(&hn, &a.k)?, &rope_table, a.params.head_dim)?;
             let v = linear(&hn, &a.v)?;
-            x = add(&x, &linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?)?;
+            x = add(
+                &x,
+                &linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?,
+            )?;
 
             let m = &layer.mlp;
             let hn = rms_norm(&x, &layer.post_attn_norm)?;

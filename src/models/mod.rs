@@ -50,7 +50,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, quant: Quant::None, adapter: None, seed: 0 }
+        LoadOptions {
+            device: Device::Cpu,
+            quant: Quant::None,
+            adapter: None,
+            seed: 0,
+        }
     }
 }
 
@@ -98,27 +103,51 @@ impl Model {
 pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", path.display())))
 }
 
 /// Parse a config value into a backbone's `Config`, naming the file on error.
-pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(dir: &Path, value: &serde_json::Value) -> Result<T> {
-    T::deserialize(value).map_err(|e| Error::Model(format!("{}: {e}", dir.join("config.json").display())))
+pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(
+    dir: &Path,
+    value: &serde_json::Value,
+) -> Result<T> {
+    T::deserialize(value)
+        .map_err(|e| Error::Model(format!("{}: {e}", dir.join("config.json").display())))
 }
 
 /// Load the model in `dir` (`model_type` gemma2 or llama) as a classifier.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     let config = read_config(dir)?;
-    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     let ck = Checkpoint::open_model_dir(dir)?;
     let mut adapter = match &opts.adapter {
         Some(a) => Some(Adapter::load(a)?),
         None => None,
     };
     let model = match model_type {
-        "gemma2" => Model::Gemma2(gemma2::Gemma2::load(dir, &config, &ck, opts, adapter.as_mut())?),
-        "llama" => Model::Llama(llama::Llama::load(dir, &config, &ck, opts, adapter.as_mut())?),
-        "" => bail!(Model, "{}: no `model_type`", dir.join("config.json").display()),
+        "gemma2" => Model::Gemma2(gemma2::Gemma2::load(
+            dir,
+            &config,
+            &ck,
+            opts,
+            adapter.as_mut(),
+        )?),
+        "llama" => Model::Llama(llama::Llama::load(
+            dir,
+            &config,
+            &ck,
+            opts,
+            adapter.as_mut(),
+        )?),
+        "" => bail!(
+            Model,
+            "{}: no `model_type`",
+            dir.join("config.json").display()
+        ),
         other => bail!(
             Model,
             "{}: model_type `{other}` is not supported (expected gemma2 or llama)",
@@ -151,8 +180,16 @@ impl TokenIds {
 /// Rotary frequencies of a layer, from either config key style.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeSpec {
-    Default { theta: f64 },
-    Llama3 { theta: f64, factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    Default {
+        theta: f64,
+    },
+    Llama3 {
+        theta: f64,
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: f32,
+    },
 }
 
 impl RopeSpec {
@@ -160,10 +197,10 @@ impl RopeSpec {
     /// type), or the classic top-level `rope_theta` plus optional `rope_scaling`.
     pub fn parse(config: &serde_json::Value, layer_type: &str, default_theta: f64) -> Result<Self> {
         let mut params = config.get("rope_parameters").filter(|v| v.is_object());
-        if let Some(p) = params {
-            if let Some(per_type) = p.get(layer_type).filter(|v| v.is_object()) {
-                params = Some(per_type);
-            }
+        if let Some(p) = params
+            && let Some(per_type) = p.get(layer_type).filter(|v| v.is_object())
+        {
+            params = Some(per_type);
         }
         let scaling = config.get("rope_scaling").filter(|v| v.is_object());
         let top_theta = config.get("rope_theta").and_then(|v| v.as_f64());
@@ -180,11 +217,18 @@ impl RopeSpec {
         match kind {
             "default" => Ok(RopeSpec::Default { theta }),
             "llama3" => {
-                let Some(s) = spec else { unreachable!("kind came from spec") };
+                let Some(s) = spec else {
+                    unreachable!("kind came from spec")
+                };
                 let num = |k: &str| -> Result<f32> {
-                    s.get(k).and_then(|v| v.as_f64()).map(|v| v as f32).ok_or_else(|| {
-                        Error::Model(format!("config.json: llama3 rope scaling needs a numeric `{k}`"))
-                    })
+                    s.get(k)
+                        .and_then(|v| v.as_f64())
+                        .map(|v| v as f32)
+                        .ok_or_else(|| {
+                            Error::Model(format!(
+                                "config.json: llama3 rope scaling needs a numeric `{k}`"
+                            ))
+                        })
                 };
                 Ok(RopeSpec::Llama3 {
                     theta,
@@ -194,7 +238,10 @@ impl RopeSpec {
                     original_max_position: num("original_max_position_embeddings")?,
                 })
             }
-            other => bail!(Model, "config.json: rope type `{other}` is not supported (expected default or llama3)"),
+            other => bail!(
+                Model,
+                "config.json: rope type `{other}` is not supported (expected default or llama3)"
+            ),
         }
     }
 
@@ -202,15 +249,19 @@ impl RopeSpec {
         use crate::ops::rope::{default_inv_freq, llama3_inv_freq};
         match *self {
             RopeSpec::Default { theta } => default_inv_freq(head_dim, theta),
-            RopeSpec::Llama3 { theta, factor, low_freq_factor, high_freq_factor, original_max_position } => {
-                llama3_inv_freq(
-                    &default_inv_freq(head_dim, theta),
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_position,
-                )
-            }
+            RopeSpec::Llama3 {
+                theta,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => llama3_inv_freq(
+                &default_inv_freq(head_dim, theta),
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            ),
         }
     }
 }
@@ -228,15 +279,30 @@ pub(crate) struct WeightLoader<'a> {
 }
 
 impl<'a> WeightLoader<'a> {
-    pub fn new(ck: &'a Checkpoint, opts: &'a LoadOptions, adapter: Option<&'a mut Adapter>) -> Result<Self> {
+    pub fn new(
+        ck: &'a Checkpoint,
+        opts: &'a LoadOptions,
+        adapter: Option<&'a mut Adapter>,
+    ) -> Result<Self> {
         let prefix = if ck.contains("model.embed_tokens.weight") {
             "model.".to_string()
         } else if ck.contains("embed_tokens.weight") {
             String::new()
         } else {
-            bail!(Model, "{}: missing tensor `model.embed_tokens.weight`", ck.dir().display())
+            bail!(
+                Model,
+                "{}: missing tensor `model.embed_tokens.weight`",
+                ck.dir().display()
+            )
         };
-        Ok(WeightLoader { ck, prefix, opts, adapter, weight_bytes: 0, parameters: 0 })
+        Ok(WeightLoader {
+            ck,
+            prefix,
+            opts,
+            adapter,
+            weight_bytes: 0,
+            parameters: 0,
+        })
     }
 
     fn count(&mut self, t: &Tensor) {
@@ -253,7 +319,13 @@ impl<'a> WeightLoader<'a> {
     }
 
     /// An RMSNorm weight (`module` relative to the prefix, e.g. `layers.0.input_layernorm`).
-    pub fn norm(&mut self, module: &str, hidden: usize, eps: f32, kind: NormKind) -> Result<RmsNorm> {
+    pub fn norm(
+        &mut self,
+        module: &str,
+        hidden: usize,
+        eps: f32,
+        kind: NormKind,
+    ) -> Result<RmsNorm> {
         let name = format!("{}{module}.weight", self.prefix);
         let weight = self.ck.load_as(&name, &[hidden], DType::F32)?;
         self.count(&weight);
@@ -290,11 +362,14 @@ impl<'a> WeightLoader<'a> {
     /// `score.weight`, else seeded N(0, initializer_range) with a warning.
     pub fn score(&mut self, hidden: usize, initializer_range: f64) -> Result<(Linear, String)> {
         let shape = [NUM_LABELS, hidden];
-        if let Some(a) = self.adapter.as_deref_mut() {
-            if let Some(t) = a.take_score(hidden)? {
-                self.parameters += t.elem_count();
-                return Ok((Linear::new(BaseWeight::Dense(t), None)?, format!("adapter {}", a.dir().display())));
-            }
+        if let Some(a) = self.adapter.as_deref_mut()
+            && let Some(t) = a.take_score(hidden)?
+        {
+            self.parameters += t.elem_count();
+            return Ok((
+                Linear::new(BaseWeight::Dense(t), None)?,
+                format!("adapter {}", a.dir().display()),
+            ));
         }
         if let Ok(e) = self.ck.entry("score.weight") {
             if e.shape.len() == 2 && e.shape[1] == hidden && e.shape[0] != NUM_LABELS {
@@ -307,7 +382,10 @@ impl<'a> WeightLoader<'a> {
             }
             let t = self.ck.load_as("score.weight", &shape, DType::F32)?;
             self.count(&t);
-            return Ok((Linear::new(BaseWeight::Dense(t), None)?, "checkpoint".to_string()));
+            return Ok((
+                Linear::new(BaseWeight::Dense(t), None)?,
+                "checkpoint".to_string(),
+            ));
         }
         eprintln!(
             "warning: {} has no score head (`score.weight`) and no adapter supplies one; \
@@ -317,16 +395,23 @@ impl<'a> WeightLoader<'a> {
         );
         let t = random_normal(&shape, initializer_range, self.opts.seed)?;
         self.count(&t);
-        Ok((Linear::new(BaseWeight::Dense(t), None)?, format!("random (seed {})", self.opts.seed)))
+        Ok((
+            Linear::new(BaseWeight::Dense(t), None)?,
+            format!("random (seed {})", self.opts.seed),
+        ))
     }
 }
 
 /// An f32 tensor of N(0, std) values from a seeded generator.
 pub fn random_normal(shape: &[usize], std: f64, seed: u64) -> Result<Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f64, std).map_err(|e| Error::Model(format!("initializer_range {std}: {e}")))?;
+    let normal = Normal::new(0.0f64, std)
+        .map_err(|e| Error::Model(format!("initializer_range {std}: {e}")))?;
     let n: usize = shape.iter().product();
-    Tensor::from_f32((0..n).map(|_| normal.sample(&mut rng) as f32).collect(), shape)
+    Tensor::from_f32(
+        (0..n).map(|_| normal.sample(&mut rng) as f32).collect(),
+        shape,
+    )
 }
 
 /// Softmax of each row of `[rows, 3]` logits, in f64.

@@ -14,19 +14,30 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A row-major matrix with `cols` columns.
     pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        MatRef { data, rs: cols, cs: 1 }
+        MatRef {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
 
     /// The transpose of a row-major matrix with `cols` columns: element (r, c) of the result is
     /// element (c, r) of `data`.
     pub fn transposed(data: &'a [f32], cols: usize) -> Self {
-        MatRef { data, rs: 1, cs: cols }
+        MatRef {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
 
     fn check(&self, r: usize, c: usize, what: &str) {
         if r > 0 && c > 0 {
             let last = (r - 1) * self.rs + (c - 1) * self.cs;
-            assert!(last < self.data.len(), "gemm: {what} view {r}x{c} out of bounds");
+            assert!(
+                last < self.data.len(),
+                "gemm: {what} view {r}x{c} out of bounds"
+            );
         }
     }
 }
@@ -66,7 +77,10 @@ pub fn sgemm(
     }
     lhs.check(m, k, "lhs");
     rhs.check(k, n, "rhs");
-    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst view {m}x{n} out of bounds");
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "gemm: dst view {m}x{n} out of bounds"
+    );
     let par = match threads {
         Threads::All if rayon::current_num_threads() > 1 && m * n * k >= 32 * 1024 => {
             Parallelism::Rayon(rayon::current_num_threads())
@@ -111,7 +125,18 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         // dst = a · wᵀ, accumulated onto ones, scaled by 0.5.
         let mut dst = vec![1f32; m * n];
-        sgemm(m, n, k, &mut dst, n, true, MatRef::rows(&a, k), MatRef::transposed(&w, k), 0.5, Threads::All);
+        sgemm(
+            m,
+            n,
+            k,
+            &mut dst,
+            n,
+            true,
+            MatRef::rows(&a, k),
+            MatRef::transposed(&w, k),
+            0.5,
+            Threads::All,
+        );
         for r in 0..m {
             for c in 0..n {
                 let s: f32 = (0..k).map(|i| a[r * k + i] * w[c * k + i]).sum();

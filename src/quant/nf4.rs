@@ -31,31 +31,36 @@ pub const BLOCK: usize = 64;
 pub const ABSMAX_BLOCK: usize = 256;
 
 /// The 16 NF4 code values (quantiles of N(0,1) normalised to [-1, 1]).
+#[allow(clippy::excessive_precision)] // digits as bitsandbytes writes them
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
-    -0.696_192_800_998_687_7,
-    -0.525_073_051_452_636_7,
-    -0.394_917_488_098_144_53,
-    -0.284_441_381_692_886_35,
-    -0.184_773_430_228_233_34,
-    -0.091_050_036_251_544_95,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
     0.0,
-    0.079_580_299_556_255_34,
-    0.160_930_201_411_247_25,
-    0.246_112_301_945_686_34,
-    0.337_915_241_718_292_24,
-    0.440_709_829_330_444_34,
-    0.562_617_003_917_694_1,
-    0.722_956_836_223_602_3,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
     1.0,
 ];
 
-/// Decision thresholds: the midpoints between adjacent code values, computed in f64 from the
-/// f32 codes and rounded to f32 (the constants bitsandbytes' decision tree compares against).
+/// Decision thresholds: the midpoints between adjacent code values. bitsandbytes writes them
+/// as decimal `float` literals (the f64 midpoint printed to 16–17 digits), which the C
+/// compiler rounds straight from decimal to f32. Rounding the f64 midpoint to f32 instead
+/// differs for 0.5016634166240692 (it lies within 1e-17 of an f32 rounding boundary), so the
+/// midpoint is formatted as its shortest decimal and parsed as f32, exactly like the literal.
 fn nf4_thresholds() -> [f32; 15] {
     let mut t = [0f32; 15];
     for (i, ti) in t.iter_mut().enumerate() {
-        *ti = ((NF4_CODE[i] as f64 + NF4_CODE[i + 1] as f64) / 2.0) as f32;
+        let mid = (NF4_CODE[i] as f64 + NF4_CODE[i + 1] as f64) / 2.0;
+        *ti = format!("{mid}").parse::<f32>().unwrap_or(mid as f32);
     }
     t
 }
@@ -71,36 +76,50 @@ pub fn nf4_code_of(x: f32, thresholds: &[f32; 15]) -> u8 {
 
 /// bitsandbytes' signed 8-bit "dynamic" code (`create_dynamic_map(signed=True)`), used for the
 /// nested quantisation of absmax values: 127 negative values, 0, 127 positive values, 1.0.
-/// Reproduced with float32 arithmetic in the order torch performs it.
+///
+/// bitsandbytes builds it from float32 `torch.linspace` grids, whose last-bit rounding depends
+/// on torch's vectorised kernel; rather than re-derive that, the table is the exact bit pattern
+/// bitsandbytes produced (the same on the fixture machine and the H200 test machine), and
+/// `tests/nf4_bnb.rs` checks it against both fixtures.
 pub fn dynamic_code() -> [f32; 256] {
-    // torch.linspace in float32: the first half steps up from `start`, the second half steps
-    // down from `end`, so both ends are exact.
-    fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
-        let step = (end - start) / (steps - 1) as f32;
-        let half = steps / 2;
-        (0..steps)
-            .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
-            .collect()
-    }
-    let mut data: Vec<f32> = Vec::with_capacity(256);
-    let max_exponent_bits = 7i32;
-    for i in 0..max_exponent_bits {
-        let items = (1usize << i) + 1;
-        let b = linspace(0.1, 1.0, items);
-        let scale = 10f64.powi(-(max_exponent_bits - 1) + i) as f32;
-        for w in b.windows(2) {
-            let mean = (w[0] + w[1]) / 2.0;
-            data.push(scale * mean);
-            data.push(-scale * mean);
-        }
-    }
-    data.push(0.0);
-    data.push(1.0);
-    data.sort_by(|a, b| a.total_cmp(b));
-    let mut out = [0f32; 256];
-    out.copy_from_slice(&data);
-    out
+    DYNAMIC_CODE_BITS.map(f32::from_bits)
 }
+
+#[rustfmt::skip]
+const DYNAMIC_CODE_BITS: [u32; 256] = [
+    0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000,
+    0xbf616666, 0xbf5dcccd, 0xbf5a3333, 0xbf56999a, 0xbf530000, 0xbf4f6666, 0xbf4bcccd, 0xbf483333,
+    0xbf44999a, 0xbf410000, 0xbf3d6666, 0xbf39cccd, 0xbf363334, 0xbf32999a, 0xbf2f0000, 0xbf2b6666,
+    0xbf27cccd, 0xbf243334, 0xbf20999a, 0xbf1d0000, 0xbf196666, 0xbf15cccd, 0xbf123334, 0xbf0e999a,
+    0xbf0b0000, 0xbf076666, 0xbf03cccc, 0xbf003333, 0xbef93332, 0xbef20000, 0xbeeacccc, 0xbee3999a,
+    0xbedc6666, 0xbed53333, 0xbece0000, 0xbec6cccc, 0xbebf999a, 0xbeb86666, 0xbeb13333, 0xbeaa0000,
+    0xbea2cccc, 0xbe9b999a, 0xbe946666, 0xbe8d3334, 0xbe860000, 0xbe7d9999, 0xbe6f3333, 0xbe60cccd,
+    0xbe526666, 0xbe440000, 0xbe35999a, 0xbe273333, 0xbe18cccd, 0xbe0a6666, 0xbdf80000, 0xbddb3334,
+    0xbdc9eb85, 0xbdc428f7, 0xbdbe6667, 0xbdb8a3d7, 0xbdb2e148, 0xbdad1eb8, 0xbda75c2a, 0xbda1999a,
+    0xbd9bd70a, 0xbd96147b, 0xbd9051eb, 0xbd8a8f5d, 0xbd84cccd, 0xbd7e147b, 0xbd728f5d, 0xbd670a3d,
+    0xbd5b851f, 0xbd500000, 0xbd447ae1, 0xbd38f5c3, 0xbd2d70a3, 0xbd21eb85, 0xbd166667, 0xbd0ae148,
+    0xbcfeb852, 0xbce7ae15, 0xbcd0a3d7, 0xbcb9999a, 0xbca28f5d, 0xbc8b851f, 0xbc68f5c3, 0xbc3ae148,
+    0xbc1f3b64, 0xbc160418, 0xbc0ccccd, 0xbc039581, 0xbbf4bc6a, 0xbbe24dd3, 0xbbcfdf3b, 0xbbbd70a4,
+    0xbbab020d, 0xbb989374, 0xbb8624dd, 0xbb676c8a, 0xbb428f5c, 0xbb1db22d, 0xbaf1a9fc, 0xbaa7ef9d,
+    0xba7765ff, 0xba59e83e, 0xba3c6a80, 0xba1eecc1, 0xba016f01, 0xb9c7e283, 0xb98ce705, 0xb923d70b,
+    0xb8ba1f4b, 0xb88aefb3, 0xb8378034, 0xb7b24206, 0xb70205ff, 0xb65a1a94, 0xb513a3b7, 0x00000000,
+    0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b, 0x3923d70b,
+    0x398ce705, 0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d,
+    0x3af1a9fc, 0x3b1db22d, 0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4,
+    0x3bcfdf3b, 0x3be24dd3, 0x3bf4bc6a, 0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148,
+    0x3c68f5c3, 0x3c8b851f, 0x3ca28f5d, 0x3cb9999a, 0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148,
+    0x3d166667, 0x3d21eb85, 0x3d2d70a3, 0x3d38f5c3, 0x3d447ae1, 0x3d500000, 0x3d5b851f, 0x3d670a3d,
+    0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d, 0x3d9051eb, 0x3d96147b, 0x3d9bd70a, 0x3da1999a,
+    0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667, 0x3dc428f7, 0x3dc9eb85, 0x3ddb3334,
+    0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000, 0x3e526666, 0x3e60cccd,
+    0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc, 0x3eaa0000,
+    0x3eb13333, 0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a,
+    0x3eeacccc, 0x3ef20000, 0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a,
+    0x3f123334, 0x3f15cccd, 0x3f196666, 0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666,
+    0x3f2f0000, 0x3f32999a, 0x3f363334, 0x3f39cccd, 0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333,
+    0x3f4bcccd, 0x3f4f6666, 0x3f530000, 0x3f56999a, 0x3f5a3333, 0x3f5dcccd, 0x3f616666, 0x3f650000,
+    0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666, 0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
+];
 
 /// bitsandbytes' `dQuantize` (non-stochastic): a 7-step binary search over the sorted 256-entry
 /// code starting at index 127, then a choice between the last probe and its bracketing
@@ -134,7 +153,11 @@ pub fn dynamic_code_of(x: f32, code: &[f32; 256]) -> u8 {
         lower = code[0];
     }
     let idx = if x > val {
-        if x > (upper + val) * 0.5 { upper_pivot } else { pivot }
+        if x > (upper + val) * 0.5 {
+            upper_pivot
+        } else {
+            pivot
+        }
     } else if x < (lower + val) * 0.5 {
         lower_pivot
     } else {
@@ -150,7 +173,12 @@ pub enum Absmax {
     Plain(Vec<f32>),
     /// Double quantisation: 8-bit index per block into the dynamic code, an f32 scale per 256
     /// blocks, and the mean subtracted before quantising.
-    Double { q: Vec<u8>, absmax2: Vec<f32>, offset: f32, code: Box<[f32; 256]> },
+    Double {
+        q: Vec<u8>,
+        absmax2: Vec<f32>,
+        offset: f32,
+        code: Box<[f32; 256]>,
+    },
 }
 
 impl Absmax {
@@ -166,9 +194,12 @@ impl Absmax {
     pub fn get(&self, b: usize) -> f32 {
         match self {
             Absmax::Plain(v) => v[b],
-            Absmax::Double { q, absmax2, offset, code } => {
-                code[q[b] as usize] * absmax2[b / ABSMAX_BLOCK] + *offset
-            }
+            Absmax::Double {
+                q,
+                absmax2,
+                offset,
+                code,
+            } => code[q[b] as usize] * absmax2[b / ABSMAX_BLOCK] + *offset,
         }
     }
 
@@ -204,7 +235,11 @@ impl Nf4Tensor {
     pub fn quantize(values: &CpuStorage, shape: &[usize], double_quant: bool) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != values.len() {
-            bail!(Shape, "NF4: shape {shape:?} does not match {} values", values.len());
+            bail!(
+                Shape,
+                "NF4: shape {shape:?} does not match {} values",
+                values.len()
+            );
         }
         if n == 0 {
             bail!(Shape, "NF4: cannot quantise an empty tensor");
@@ -233,8 +268,16 @@ impl Nf4Tensor {
                     *byte = (hi << 4) | lo;
                 }
             });
-        let absmax = if double_quant { double_quantize(&absmax) } else { Absmax::Plain(absmax) };
-        Ok(Nf4Tensor { shape: shape.to_vec(), packed, absmax })
+        let absmax = if double_quant {
+            double_quantize(&absmax)
+        } else {
+            Absmax::Plain(absmax)
+        };
+        Ok(Nf4Tensor {
+            shape: shape.to_vec(),
+            packed,
+            absmax,
+        })
     }
 
     /// Dequantise elements `[start, start + out.len())` of the flattened tensor into `out`.
@@ -248,7 +291,11 @@ impl Nf4Tensor {
             let block_end = ((b + 1) * BLOCK).min(end);
             while i < block_end {
                 let byte = self.packed[i / 2];
-                let nib = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                let nib = if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0x0f
+                };
                 out[o] = NF4_CODE[nib as usize] * scale;
                 i += 1;
                 o += 1;
@@ -259,22 +306,36 @@ impl Nf4Tensor {
     /// The whole tensor dequantised to f32.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.numel()];
-        out.par_chunks_mut(BLOCK * 64).enumerate().for_each(|(c, chunk)| {
-            self.dequantize_into(c * BLOCK * 64, chunk);
-        });
+        out.par_chunks_mut(BLOCK * 64)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                self.dequantize_into(c * BLOCK * 64, chunk);
+            });
         out
     }
 }
 
-/// Nested quantisation of the per-block absmax values (bitsandbytes `compress_statistics`).
+/// Nested quantisation of the per-block absmax values (bitsandbytes `compress_statistics`):
+/// the mean is subtracted, then [`nested_quantize`].
 pub fn double_quantize(absmax: &[f32]) -> Absmax {
-    // torch's f32 mean; summed in f64 here and rounded once.
+    // torch takes the f32 mean with its own summation order (which differs between its CPU and
+    // CUDA kernels by an ulp); summing in f64 and rounding once gives the exact mean.
     let offset = (absmax.iter().map(|&x| x as f64).sum::<f64>() / absmax.len() as f64) as f32;
+    nested_quantize(absmax, offset)
+}
+
+/// Quantise `absmax − offset` in blocks of 256 to the dynamic code: per block the f32 absmax
+/// is kept, values are scaled by its reciprocal and mapped by [`dynamic_code_of`].
+pub fn nested_quantize(absmax: &[f32], offset: f32) -> Absmax {
     let code = Box::new(dynamic_code());
     let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let mut q = vec![0u8; centred.len()];
     let mut absmax2 = vec![0f32; centred.len().div_ceil(ABSMAX_BLOCK)];
-    for ((chunk, qc), a2) in centred.chunks(ABSMAX_BLOCK).zip(q.chunks_mut(ABSMAX_BLOCK)).zip(&mut absmax2) {
+    for ((chunk, qc), a2) in centred
+        .chunks(ABSMAX_BLOCK)
+        .zip(q.chunks_mut(ABSMAX_BLOCK))
+        .zip(&mut absmax2)
+    {
         let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         *a2 = m;
         let inv = 1.0 / m;
@@ -282,7 +343,12 @@ pub fn double_quantize(absmax: &[f32]) -> Absmax {
             *qv = dynamic_code_of(x * inv, &code);
         }
     }
-    Absmax::Double { q, absmax2, offset, code }
+    Absmax::Double {
+        q,
+        absmax2,
+        offset,
+        code,
+    }
 }
 
 #[cfg(test)]
@@ -293,9 +359,9 @@ mod tests {
     fn thresholds_are_bitsandbytes_constants() {
         let t = nf4_thresholds();
         // Three of the constants in bitsandbytes' dQuantizeNF4 decision tree.
-        assert_eq!(t[7], 0.039_790_149_778_127_67_f32);
-        assert_eq!(t[11], 0.501_663_416_624_069_2_f32);
-        assert_eq!(t[0], -0.848_096_400_499_343_9_f32);
+        assert_eq!(t[7], 0.039_790_15_f32);
+        assert_eq!(t[12], 0.501_663_4_f32);
+        assert_eq!(t[0], -0.848_096_43_f32);
     }
 
     #[test]
@@ -324,7 +390,9 @@ mod tests {
 
     #[test]
     fn odd_sizes_and_zero_blocks() {
-        let mut v: Vec<f32> = (0..131).map(|i| ((i * 37 % 17) as f32 - 8.0) / 3.0).collect();
+        let mut v: Vec<f32> = (0..131)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 3.0)
+            .collect();
         for x in &mut v[64..128] {
             *x = 0.0;
         }

@@ -17,13 +17,15 @@ pub(crate) fn silu(x: f32) -> f32 {
 
 pub(super) fn gated(gate: &[f32], up: &[f32], act: Gate) -> Vec<f32> {
     let mut y = vec![0f32; gate.len()];
-    y.par_chunks_mut(4096).zip(gate.par_chunks(4096).zip(up.par_chunks(4096))).for_each(|(y, (g, u))| {
-        for ((o, &g), &u) in y.iter_mut().zip(g).zip(u) {
-            *o = match act {
-                Gate::GeluTanh => gelu_tanh(g),
-                Gate::Silu => silu(g),
-            } * u;
-        }
-    });
+    y.par_chunks_mut(4096)
+        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+        .for_each(|(y, (g, u))| {
+            for ((o, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *o = match act {
+                    Gate::GeluTanh => gelu_tanh(g),
+                    Gate::Silu => silu(g),
+                } * u;
+            }
+        });
     y
 }

@@ -21,7 +21,10 @@ impl Gate {
         match name {
             "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" => Ok(Gate::GeluTanh),
             "silu" | "swish" => Ok(Gate::Silu),
-            other => bail!(Model, "unsupported activation `{other}` (expected gelu_pytorch_tanh or silu)"),
+            other => bail!(
+                Model,
+                "unsupported activation `{other}` (expected gelu_pytorch_tanh or silu)"
+            ),
         }
     }
 }
@@ -29,9 +32,17 @@ impl Gate {
 /// `act(gate) · up`, elementwise; both inputs `[tokens, intermediate]`.
 pub fn gated(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor> {
     if gate.shape() != up.shape() {
-        bail!(Shape, "gated activation: gate {:?} vs up {:?}", gate.shape(), up.shape());
+        bail!(
+            Shape,
+            "gated activation: gate {:?} vs up {:?}",
+            gate.shape(),
+            up.shape()
+        );
     }
     match gate.device() {
-        Device::Cpu => Tensor::from_f32(cpu::gated(gate.as_f32_slice()?, up.as_f32_slice()?, act), gate.shape()),
+        Device::Cpu => Tensor::from_f32(
+            cpu::gated(gate.as_f32_slice()?, up.as_f32_slice()?, act),
+            gate.shape(),
+        ),
     }
 }

@@ -12,13 +12,20 @@ use super::AttentionParams;
 
 const Q_BLOCK: usize = 64;
 
-pub(super) fn attention(q: &[f32], k: &[f32], v: &[f32], layout: &SeqLayout, p: &AttentionParams) -> Vec<f32> {
+pub(super) fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    layout: &SeqLayout,
+    p: &AttentionParams,
+) -> Vec<f32> {
     let d = p.head_dim;
     let qw = p.n_heads * d;
     let kw = p.n_kv_heads * d;
     let group = p.n_heads / p.n_kv_heads;
-    let tasks: Vec<(usize, usize)> =
-        (0..layout.rows()).flat_map(|r| (0..p.n_heads).map(move |h| (r, h))).collect();
+    let tasks: Vec<(usize, usize)> = (0..layout.rows())
+        .flat_map(|r| (0..p.n_heads).map(move |h| (r, h)))
+        .collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(r, h)| {
@@ -37,8 +44,16 @@ pub(super) fn attention(q: &[f32], k: &[f32], v: &[f32], layout: &SeqLayout, p: 
                 let (m, nk) = (i1 - i0, i1 - j0);
                 let s = &mut s[..m * nk];
                 // s = q_blk · k_visᵀ
-                let qv = MatRef { data: &q[(start + i0) * qw + h * d..], rs: qw, cs: 1 };
-                let kv = MatRef { data: &k[(start + j0) * kw + kvh * d..], rs: 1, cs: kw };
+                let qv = MatRef {
+                    data: &q[(start + i0) * qw + h * d..],
+                    rs: qw,
+                    cs: 1,
+                };
+                let kv = MatRef {
+                    data: &k[(start + j0) * kw + kvh * d..],
+                    rs: 1,
+                    cs: kw,
+                };
                 sgemm(m, nk, d, s, nk, false, qv, kv, 1.0, Threads::One);
                 for (ii, row) in s.chunks_mut(nk).enumerate() {
                     let i = i0 + ii;
@@ -71,8 +86,23 @@ pub(super) fn attention(q: &[f32], k: &[f32], v: &[f32], layout: &SeqLayout, p: 
                     }
                 }
                 // out_blk = p · v_vis
-                let vv = MatRef { data: &v[(start + j0) * kw + kvh * d..], rs: kw, cs: 1 };
-                sgemm(m, d, nk, &mut out[i0 * d..], d, false, MatRef::rows(s, nk), vv, 1.0, Threads::One);
+                let vv = MatRef {
+                    data: &v[(start + j0) * kw + kvh * d..],
+                    rs: kw,
+                    cs: 1,
+                };
+                sgemm(
+                    m,
+                    d,
+                    nk,
+                    &mut out[i0 * d..],
+                    d,
+                    false,
+                    MatRef::rows(s, nk),
+                    vv,
+                    1.0,
+                    Threads::One,
+                );
                 i0 = i1;
             }
             out

@@ -28,10 +28,21 @@ pub struct AttentionParams {
 
 /// `q` is `[tokens, n_heads · head_dim]`, `k` and `v` `[tokens, n_kv_heads · head_dim]`; the
 /// result has `q`'s shape.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &SeqLayout, p: &AttentionParams) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    layout: &SeqLayout,
+    p: &AttentionParams,
+) -> Result<Tensor> {
     let t = layout.total_tokens();
-    if p.n_kv_heads == 0 || p.n_heads % p.n_kv_heads != 0 {
-        bail!(Shape, "attention: {} query heads cannot share {} KV heads", p.n_heads, p.n_kv_heads);
+    if p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
+        bail!(
+            Shape,
+            "attention: {} query heads cannot share {} KV heads",
+            p.n_heads,
+            p.n_kv_heads
+        );
     }
     if q.shape() != [t, p.n_heads * p.head_dim]
         || k.shape() != [t, p.n_kv_heads * p.head_dim]
@@ -53,7 +64,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &SeqLayout, p: &Att
     }
     match q.device() {
         Device::Cpu => {
-            let y = cpu::attention(q.as_f32_slice()?, k.as_f32_slice()?, v.as_f32_slice()?, layout, p);
+            let y = cpu::attention(
+                q.as_f32_slice()?,
+                k.as_f32_slice()?,
+                v.as_f32_slice()?,
+                layout,
+                p,
+            );
             Tensor::from_f32(y, q.shape())
         }
     }

@@ -11,10 +11,16 @@ use crate::tensor::{Device, Tensor};
 pub fn embed(table: &Tensor, ids: &[u32], scale: f32) -> Result<Tensor> {
     let (vocab, h) = table.dims2()?;
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-        bail!(Shape, "embedding: token id {bad} is outside the table of {vocab} rows");
+        bail!(
+            Shape,
+            "embedding: token id {bad} is outside the table of {vocab} rows"
+        );
     }
     match table.device() {
-        Device::Cpu => Tensor::from_f32(cpu::embed(table.cpu_storage()?, h, ids, scale), &[ids.len(), h]),
+        Device::Cpu => Tensor::from_f32(
+            cpu::embed(table.cpu_storage()?, h, ids, scale),
+            &[ids.len(), h],
+        ),
     }
 }
 
@@ -25,6 +31,8 @@ pub fn gather_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
         bail!(Shape, "gather_rows: row {bad} of {t}");
     }
     match x.device() {
-        Device::Cpu => Tensor::from_f32(cpu::gather_rows(x.as_f32_slice()?, h, idx), &[idx.len(), h]),
+        Device::Cpu => {
+            Tensor::from_f32(cpu::gather_rows(x.as_f32_slice()?, h, idx), &[idx.len(), h])
+        }
     }
 }

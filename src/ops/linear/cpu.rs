@@ -16,12 +16,23 @@ pub(super) fn linear(x: &[f32], t: usize, k: usize, n: usize, layer: &Linear) ->
     let mut y = vec![0f32; t * n];
     match &layer.weight {
         BaseWeight::Dense(w) => match w.cpu_storage()? {
-            CpuStorage::F32(w) => {
-                sgemm(t, n, k, &mut y, n, false, MatRef::rows(x, k), MatRef::transposed(w, k), 1.0, Threads::All)
-            }
+            CpuStorage::F32(w) => sgemm(
+                t,
+                n,
+                k,
+                &mut y,
+                n,
+                false,
+                MatRef::rows(x, k),
+                MatRef::transposed(w, k),
+                1.0,
+                Threads::All,
+            ),
             w => tiled(x, t, k, n, &mut y, |start, out| w.read_f32(start, out)),
         },
-        BaseWeight::Nf4(q) => tiled(x, t, k, n, &mut y, |start, out| q.dequantize_into(start, out)),
+        BaseWeight::Nf4(q) => tiled(x, t, k, n, &mut y, |start, out| {
+            q.dequantize_into(start, out)
+        }),
     }
     if let Some(l) = &layer.lora {
         let a = l.a.as_f32_slice()?;
@@ -29,8 +40,30 @@ pub(super) fn linear(x: &[f32], t: usize, k: usize, n: usize, layer: &Linear) ->
         let r = l.a.shape()[0];
         // h = x·Aᵀ  [t, r];  y += scale · h·Bᵀ
         let mut h = vec![0f32; t * r];
-        sgemm(t, r, k, &mut h, r, false, MatRef::rows(x, k), MatRef::transposed(a, k), 1.0, Threads::All);
-        sgemm(t, n, r, &mut y, n, true, MatRef::rows(&h, r), MatRef::transposed(b, r), l.scale, Threads::All);
+        sgemm(
+            t,
+            r,
+            k,
+            &mut h,
+            r,
+            false,
+            MatRef::rows(x, k),
+            MatRef::transposed(a, k),
+            1.0,
+            Threads::All,
+        );
+        sgemm(
+            t,
+            n,
+            r,
+            &mut y,
+            n,
+            true,
+            MatRef::rows(&h, r),
+            MatRef::transposed(b, r),
+            l.scale,
+            Threads::All,
+        );
     }
     Ok(y)
 }
@@ -44,7 +77,18 @@ fn tiled(x: &[f32], t: usize, k: usize, n: usize, y: &mut [f32], fill: impl Fn(u
         let nr = rows.min(n - n0);
         let w = &mut scratch[..nr * k];
         fill(n0 * k, w);
-        sgemm(t, nr, k, &mut y[n0..], n, false, MatRef::rows(x, k), MatRef::transposed(w, k), 1.0, Threads::All);
+        sgemm(
+            t,
+            nr,
+            k,
+            &mut y[n0..],
+            n,
+            false,
+            MatRef::rows(x, k),
+            MatRef::transposed(w, k),
+            1.0,
+            Threads::All,
+        );
         n0 += nr;
     }
 }

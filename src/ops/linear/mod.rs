@@ -84,10 +84,17 @@ pub fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
     let (t, k) = x.dims2()?;
     let (n, kw) = layer.weight.dims();
     if k != kw {
-        bail!(Shape, "linear: input has {k} features, the weight expects {kw}");
+        bail!(
+            Shape,
+            "linear: input has {k} features, the weight expects {kw}"
+        );
     }
     if x.dtype() != DType::F32 {
-        bail!(Shape, "linear: CPU activations must be f32, found {}", x.dtype().name());
+        bail!(
+            Shape,
+            "linear: CPU activations must be f32, found {}",
+            x.dtype().name()
+        );
     }
     match x.device() {
         Device::Cpu => {

@@ -28,11 +28,21 @@ pub struct RmsNorm {
 pub fn rms_norm(x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
     let (t, h) = x.dims2()?;
     if norm.weight.shape() != [h] {
-        bail!(Shape, "rms_norm: weight {:?} does not fit hidden size {h}", norm.weight.shape());
+        bail!(
+            Shape,
+            "rms_norm: weight {:?} does not fit hidden size {h}",
+            norm.weight.shape()
+        );
     }
     match x.device() {
         Device::Cpu => {
-            let y = cpu::rms_norm(x.as_f32_slice()?, norm.weight.as_f32_slice()?, h, norm.eps, norm.kind);
+            let y = cpu::rms_norm(
+                x.as_f32_slice()?,
+                norm.weight.as_f32_slice()?,
+                h,
+                norm.eps,
+                norm.kind,
+            );
             Tensor::from_f32(y, &[t, h])
         }
     }

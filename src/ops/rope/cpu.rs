@@ -19,16 +19,19 @@ pub(super) fn table(positions: &[u32], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>)
 pub(super) fn apply(x: &[f32], cos: &[f32], sin: &[f32], width: usize, d: usize) -> Vec<f32> {
     let half = d / 2;
     let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(width).zip(x.par_chunks(width)).enumerate().for_each(|(t, (yr, xr))| {
-        let c = &cos[t * half..(t + 1) * half];
-        let s = &sin[t * half..(t + 1) * half];
-        for (yh, xh) in yr.chunks_mut(d).zip(xr.chunks(d)) {
-            for i in 0..half {
-                let (a, b) = (xh[i], xh[i + half]);
-                yh[i] = a * c[i] - b * s[i];
-                yh[i + half] = b * c[i] + a * s[i];
+    y.par_chunks_mut(width)
+        .zip(x.par_chunks(width))
+        .enumerate()
+        .for_each(|(t, (yr, xr))| {
+            let c = &cos[t * half..(t + 1) * half];
+            let s = &sin[t * half..(t + 1) * half];
+            for (yh, xh) in yr.chunks_mut(d).zip(xr.chunks(d)) {
+                for i in 0..half {
+                    let (a, b) = (xh[i], xh[i + half]);
+                    yh[i] = a * c[i] - b * s[i];
+                    yh[i + half] = b * c[i] + a * s[i];
+                }
             }
-        }
-    });
+        });
     y
 }

@@ -42,7 +42,8 @@ pub fn llama3_inv_freq(
             } else if wavelen > low_freq_wavelen {
                 f / factor
             } else {
-                let smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth = (original_max_position / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
                 (1.0 - smooth) * f / factor + smooth * f
             }
         })
@@ -62,7 +63,10 @@ impl RopeTable {
             Device::Cpu => {
                 let (cos, sin) = cpu::table(positions, inv_freq);
                 let shape = [positions.len(), inv_freq.len()];
-                Ok(RopeTable { cos: Tensor::from_f32(cos, &shape)?, sin: Tensor::from_f32(sin, &shape)? })
+                Ok(RopeTable {
+                    cos: Tensor::from_f32(cos, &shape)?,
+                    sin: Tensor::from_f32(sin, &shape)?,
+                })
             }
         }
     }
@@ -71,7 +75,7 @@ impl RopeTable {
 /// Rotate every head of `x` (`[tokens, heads · head_dim]`).
 pub fn apply(x: &Tensor, table: &RopeTable, head_dim: usize) -> Result<Tensor> {
     let (t, w) = x.dims2()?;
-    if head_dim % 2 != 0 || w % head_dim != 0 || table.cos.shape() != [t, head_dim / 2] {
+    if !head_dim.is_multiple_of(2) || w % head_dim != 0 || table.cos.shape() != [t, head_dim / 2] {
         bail!(
             Shape,
             "rope: x {:?}, head_dim {head_dim} and table {:?} do not fit",
@@ -81,7 +85,13 @@ pub fn apply(x: &Tensor, table: &RopeTable, head_dim: usize) -> Result<Tensor> {
     }
     match x.device() {
         Device::Cpu => {
-            let y = cpu::apply(x.as_f32_slice()?, table.cos.as_f32_slice()?, table.sin.as_f32_slice()?, w, head_dim);
+            let y = cpu::apply(
+                x.as_f32_slice()?,
+                table.cos.as_f32_slice()?,
+                table.sin.as_f32_slice()?,
+                w,
+                head_dim,
+            );
             Tensor::from_f32(y, &[t, w])
         }
     }
