@@ -130,7 +130,7 @@ pub struct InitArgs {
     /// Architecture (default: the preset's).
     #[arg(long)]
     pub arch: Option<Arch>,
-    /// tiny, gemma-2-9b or llama-3.1-8b.
+    /// tiny, small (~100M), gemma-2-9b or llama-3.1-8b.
     #[arg(long)]
     pub preset: Preset,
     /// Output directory.
@@ -138,7 +138,7 @@ pub struct InitArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Storage dtype (default: f32 for tiny, bf16 otherwise).
+    /// Storage dtype (default: f32 for tiny and small, bf16 otherwise).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// tokenizer.json to copy into the directory.

@@ -1,8 +1,8 @@
 //! `engine init-model`: random-initialised model directories in Hugging Face layout, so
 //! pipelines, tests and benchmarks run without downloads.
 //!
-//! Presets: `tiny` (a few hundred thousand parameters, with a bundled byte-level BPE
-//! tokenizer), `gemma-2-9b` and `llama-3.1-8b` (the real shapes; bring the real tokenizer with
+//! Presets: `tiny` (a few hundred thousand parameters) and `small` (~100M), both with the
+//! bundled byte-level BPE tokenizer, `gemma-2-9b` and `llama-3.1-8b` (the real shapes; bring the real tokenizer with
 //! `--tokenizer` if you need text). Weights are drawn as transformers initialises them —
 //! projections and embeddings N(0, initializer_range), Gemma norms 0 (gain 1 + w), Llama norms
 //! 1 — from a seeded generator, chunk by chunk and in parallel, so a 9B model is written
@@ -47,6 +47,8 @@ impl std::str::FromStr for Arch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
     Tiny,
+    /// ~100M parameters with the tiny tokenizer: big enough for meaningful CPU throughput.
+    Small,
     Gemma2_9b,
     Llama31_8b,
 }
@@ -56,10 +58,11 @@ impl std::str::FromStr for Preset {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "tiny" => Ok(Preset::Tiny),
+            "small" => Ok(Preset::Small),
             "gemma-2-9b" => Ok(Preset::Gemma2_9b),
             "llama-3.1-8b" => Ok(Preset::Llama31_8b),
             _ => Err(format!(
-                "unknown preset `{s}` (expected tiny, gemma-2-9b or llama-3.1-8b)"
+                "unknown preset `{s}` (expected tiny, small, gemma-2-9b or llama-3.1-8b)"
             )),
         }
     }
@@ -71,7 +74,7 @@ pub struct InitOptions {
     pub preset: Preset,
     pub out: PathBuf,
     pub seed: u64,
-    /// Storage dtype (default: f32 for tiny, bf16 otherwise).
+    /// Storage dtype (default: f32 for tiny and small, bf16 otherwise).
     pub dtype: Option<DType>,
     /// A tokenizer.json to copy into the directory (the tiny preset brings its own).
     pub tokenizer: Option<PathBuf>,
@@ -89,12 +92,11 @@ pub fn config_json(arch: Arch, preset: Preset, dtype: DType) -> Result<serde_jso
     let labels = json!({"0": "winner_model_a", "1": "winner_model_b", "2": "winner_tie"});
     let label2id = json!({"winner_model_a": 0, "winner_model_b": 1, "winner_tie": 2});
     let v = match (arch, preset) {
-        (Arch::Gemma2, Preset::Tiny | Preset::Gemma2_9b) => {
-            let tiny = preset == Preset::Tiny;
-            let (vocab, h, inter, layers, heads, kv, hd, window) = if tiny {
-                (1024, 64, 128, 4, 4, 2, 32, 32)
-            } else {
-                (256000, 3584, 14336, 42, 16, 8, 256, 4096)
+        (Arch::Gemma2, Preset::Tiny | Preset::Small | Preset::Gemma2_9b) => {
+            let (vocab, h, inter, layers, heads, kv, hd, window) = match preset {
+                Preset::Tiny => (1024, 64, 128, 4, 4, 2, 32, 32),
+                Preset::Small => (1024, 768, 3072, 12, 12, 4, 64, 256),
+                _ => (256000, 3584, 14336, 42, 16, 8, 256, 4096),
             };
             json!({
                 "architectures": ["Gemma2ForSequenceClassification"],
@@ -112,14 +114,13 @@ pub fn config_json(arch: Arch, preset: Preset, dtype: DType) -> Result<serde_jso
                 "id2label": labels, "label2id": label2id,
             })
         }
-        (Arch::Llama, Preset::Tiny | Preset::Llama31_8b) => {
-            let tiny = preset == Preset::Tiny;
-            let (vocab, h, inter, layers, heads, kv, orig) = if tiny {
-                (1024, 64, 176, 4, 4, 2, 64)
-            } else {
-                (128256, 4096, 14336, 32, 32, 8, 8192)
+        (Arch::Llama, Preset::Tiny | Preset::Small | Preset::Llama31_8b) => {
+            let (vocab, h, inter, layers, heads, kv, orig) = match preset {
+                Preset::Tiny => (1024, 64, 176, 4, 4, 2, 64),
+                Preset::Small => (1024, 768, 3072, 12, 12, 4, 256),
+                _ => (128256, 4096, 14336, 32, 32, 8, 8192),
             };
-            let (bos, eos, pad) = if tiny {
+            let (bos, eos, pad) = if preset != Preset::Llama31_8b {
                 (json!(2), json!([1]), json!(0))
             } else {
                 (
@@ -266,14 +267,16 @@ fn generate(name: &str, numel: usize, init: Init, dtype: DType, seed: u64) -> Ve
 /// Write the model directory; returns the number of parameters.
 pub fn run(opts: &InitOptions) -> Result<usize> {
     let arch = opts.arch.unwrap_or(match opts.preset {
-        Preset::Tiny | Preset::Gemma2_9b => Arch::Gemma2,
+        Preset::Tiny | Preset::Small | Preset::Gemma2_9b => Arch::Gemma2,
         Preset::Llama31_8b => Arch::Llama,
     });
-    let dtype = opts.dtype.unwrap_or(if opts.preset == Preset::Tiny {
-        DType::F32
-    } else {
-        DType::BF16
-    });
+    let dtype = opts
+        .dtype
+        .unwrap_or(if matches!(opts.preset, Preset::Tiny | Preset::Small) {
+            DType::F32
+        } else {
+            DType::BF16
+        });
     let cfg = config_json(arch, opts.preset, dtype)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let plan = tensor_plan(arch, &cfg)?;
@@ -335,7 +338,7 @@ pub fn run(opts: &InitOptions) -> Result<usize> {
     let tok_dst = opts.out.join("tokenizer.json");
     match (&opts.tokenizer, opts.preset) {
         (Some(src), _) => copy_tokenizer(src, &tok_dst)?,
-        (None, Preset::Tiny) => write_atomic(&tok_dst, TINY_TOKENIZER)?,
+        (None, Preset::Tiny | Preset::Small) => write_atomic(&tok_dst, TINY_TOKENIZER)?,
         (None, _) => eprintln!(
             "note: no tokenizer written for preset {:?}; pass --tokenizer FILE to include the real one",
             opts.preset

@@ -11,6 +11,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod cpu_math;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;

@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use crate::ops::SeqLayout;
+use crate::ops::cpu_math::{exp, multiversion, tanh};
 use crate::ops::gemm::{MatRef, Threads, sgemm};
 
 use super::AttentionParams;
@@ -55,36 +56,7 @@ pub(super) fn attention(
                     cs: kw,
                 };
                 sgemm(m, nk, d, s, nk, false, qv, kv, 1.0, Threads::One);
-                for (ii, row) in s.chunks_mut(nk).enumerate() {
-                    let i = i0 + ii;
-                    let lo = match p.window {
-                        Some(w) => (i + 1).saturating_sub(w),
-                        None => 0,
-                    };
-                    let mut max = f32::NEG_INFINITY;
-                    for (jj, x) in row.iter_mut().enumerate() {
-                        let j = j0 + jj;
-                        if j > i || j < lo {
-                            *x = f32::NEG_INFINITY;
-                            continue;
-                        }
-                        let mut val = *x * p.scale;
-                        if let Some(cap) = p.softcap {
-                            val = (val / cap).tanh() * cap;
-                        }
-                        *x = val;
-                        max = max.max(val);
-                    }
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    for x in row.iter_mut() {
-                        *x *= inv;
-                    }
-                }
+                softmax_rows(s, nk, i0, j0, p);
                 // out_blk = p · v_vis
                 let vv = MatRef {
                     data: &v[(start + j0) * kw + kvh * d..],
@@ -117,4 +89,54 @@ pub(super) fn attention(
         }
     }
     y
+}
+
+multiversion! {
+    /// Rows of `s` (width `nk`) are the raw scores of queries `i0, i0 + 1, …` against keys
+    /// `j0..j0 + nk`; turn each into probabilities.
+    fn softmax_rows(s: &mut [f32], nk: usize, i0: usize, j0: usize, p: &AttentionParams) {
+        for (ii, row) in s.chunks_mut(nk).enumerate() {
+            softmax_row(row, i0 + ii, j0, p);
+        }
+    }
+}
+
+/// Turn the raw scores of query `i` against keys `j0..j0 + row.len()` into probabilities:
+/// scale, soft-cap, mask (exact zeros outside the causal window), softmax.
+#[inline(always)]
+fn softmax_row(row: &mut [f32], i: usize, j0: usize, p: &AttentionParams) {
+    let lo = match p.window {
+        Some(w) => (i + 1).saturating_sub(w),
+        None => 0,
+    };
+    // Visible keys are j0 + a .. j0 + b (a ≤ b ≤ row.len()).
+    let a = lo.saturating_sub(j0).min(row.len());
+    let b = (i + 1 - j0).min(row.len());
+    let (head, rest) = row.split_at_mut(a);
+    let (vis, tail) = rest.split_at_mut(b - a);
+    head.fill(0.0);
+    tail.fill(0.0);
+    match p.softcap {
+        Some(cap) => {
+            let inv = 1.0 / cap;
+            for x in vis.iter_mut() {
+                *x = tanh(*x * p.scale * inv) * cap;
+            }
+        }
+        None => {
+            for x in vis.iter_mut() {
+                *x *= p.scale;
+            }
+        }
+    }
+    let max = vis.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for x in vis.iter_mut() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in vis.iter_mut() {
+        *x *= inv;
+    }
 }
