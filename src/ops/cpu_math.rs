@@ -10,7 +10,7 @@
 /// the baseline — and dispatched at run time, so the loops in it (and the `#[inline(always)]`
 /// math they call) are vectorised for the widest ISA the CPU has.
 ///
-/// ```ignore
+/// ```text
 /// multiversion! {
 ///     pub(super) fn scale(x: &mut [f32], s: f32) { for v in x { *v *= s; } }
 /// }
@@ -64,6 +64,7 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+#[allow(clippy::excessive_precision)] // coefficients as published
 /// `tanh(x)`: an odd polynomial for |x| < 0.625 (coefficients of the Cephes `tanhf`), else
 /// `1 − 2/(e^{2|x|} + 1)` with the sign restored.
 #[inline(always)]
