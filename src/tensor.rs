@@ -14,6 +14,11 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
+#[cfg(not(target_endian = "little"))]
+compile_error!(
+    "engine reads safetensors (little-endian) by casting bytes: big-endian targets are not supported"
+);
+
 use crate::bail;
 use crate::error::{Error, Result};
 
@@ -98,27 +103,33 @@ impl CpuStorage {
         }
     }
 
-    /// Decode little-endian bytes of `dtype` (as stored in safetensors).
+    /// Decode little-endian bytes of `dtype` (as stored in safetensors). A byte buffer that
+    /// happens to be aligned is copied in one go; safetensors does not promise alignment, so
+    /// the unaligned case reads element by element.
     pub fn from_le_bytes(bytes: &[u8], dtype: DType) -> Self {
+        fn decode<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+            match bytemuck::try_cast_slice::<u8, T>(bytes) {
+                Ok(v) => v.to_vec(),
+                Err(_) => bytes
+                    .chunks_exact(std::mem::size_of::<T>())
+                    .map(bytemuck::pod_read_unaligned)
+                    .collect(),
+            }
+        }
+        // Every supported target is little-endian, as safetensors is.
         match dtype {
-            DType::F32 => CpuStorage::F32(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            DType::BF16 => CpuStorage::BF16(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                    .collect(),
-            ),
-            DType::F16 => CpuStorage::F16(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                    .collect(),
-            ),
+            DType::F32 => CpuStorage::F32(decode(bytes)),
+            DType::BF16 => CpuStorage::BF16(decode(bytes)),
+            DType::F16 => CpuStorage::F16(decode(bytes)),
+        }
+    }
+
+    /// The little-endian bytes of the storage.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
         }
     }
 

@@ -231,9 +231,5 @@ pub fn save_safetensors(
 
 /// Little-endian bytes of a tensor's storage.
 pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    Ok(match t.cpu_storage()? {
-        CpuStorage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        CpuStorage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-        CpuStorage::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-    })
+    Ok(t.cpu_storage()?.as_bytes().to_vec())
 }

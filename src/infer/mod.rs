@@ -98,6 +98,8 @@ pub fn predict(
 ) -> Result<Vec<[f64; 3]>> {
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
     let mut out = vec![[0f64; 3]; ids.len()];
+    let start = Instant::now();
+    let mut done_tokens = 0usize;
     for batch_rows_idx in plan_batches(&lens, batch_tokens, batch_rows) {
         let rows: Vec<&[u32]> = batch_rows_idx.iter().map(|&i| ids[i].as_slice()).collect();
         let batch = TokenBatch::from_rows(&rows);
@@ -105,9 +107,13 @@ pub fn predict(
         for (&i, p) in batch_rows_idx.iter().zip(probs) {
             out[i] = p;
         }
+        done_tokens += batch.tokens();
         if let Some(b) = bar {
             b.inc(batch_rows_idx.len() as u64);
-            b.set_message(format!("{} tok", batch.tokens()));
+            b.set_message(format!(
+                "{:.0} tokens/s",
+                done_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            ));
         }
     }
     Ok(out)
