@@ -16,7 +16,7 @@ use crate::{demo, eval};
 
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    " (backends: cpu; CUDA kernels: ",
+    " (backends: cpu, cuda; CUDA kernels: ",
     env!("ENGINE_CUDA_KERNELS"),
     ")"
 );
@@ -71,9 +71,13 @@ pub struct ModelArgs {
     /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Where to compute.
+    /// Where to compute (`cuda`: the first GPU).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Activation dtype on the GPU (default bf16, or f16 where the GPU lacks bf16 tensor
+    /// cores); the CPU computes in f32.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
     /// Quantise the q/k/v/o/gate/up/down projections at load.
     #[arg(long, value_enum, default_value = "none")]
     pub quant: QuantArg,
@@ -161,9 +165,9 @@ impl ModelArgs {
         let device = match self.device {
             DeviceArg::Cpu => Device::Cpu,
             DeviceArg::Cuda => {
-                return Err(Error::Usage(
-                    "--device cuda: this build has only the CPU backend (the CUDA backend is not implemented yet)".into(),
-                ));
+                crate::cuda::availability()
+                    .map_err(|why| Error::Usage(format!("--device cuda: {why}")))?;
+                Device::Cuda(0)
             }
         };
         let quant = match (self.quant, self.double_quant) {
@@ -175,6 +179,7 @@ impl ModelArgs {
         };
         Ok(LoadOptions {
             device,
+            dtype: self.dtype.map(DType::from),
             quant,
             adapter: self.adapter.clone(),
             seed: self.seed,

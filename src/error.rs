@@ -28,6 +28,8 @@ pub enum Error {
     Shape(String),
     /// The command line asks for something that cannot be done.
     Usage(String),
+    /// The CUDA driver or a kernel launch failed, or no GPU can be used.
+    Cuda(String),
     /// A failure with one more layer of context.
     Context { context: String, source: Box<Error> },
     /// Anything else.
@@ -94,6 +96,7 @@ impl fmt::Display for Error {
                 write!(f, ": {msg}")
             }
             Error::Model(m) | Error::Shape(m) | Error::Usage(m) | Error::Msg(m) => f.write_str(m),
+            Error::Cuda(m) => write!(f, "CUDA: {m}"),
             Error::Context { context, source } => write!(f, "{context}: {source}"),
         }
     }

@@ -9,6 +9,7 @@
 //! - [`tensor`], [`metrics`], [`predictions`], [`io`], [`error`]
 
 pub mod cli;
+pub mod cuda;
 pub mod data;
 pub mod demo;
 pub mod error;

@@ -1,6 +1,6 @@
 //! Tensors: a shape, a dtype and storage on a device.
 //!
-//! Storage is an enum over backends (today the CPU; the CUDA backend adds a variant), so every
+//! Storage is an enum over backends (host memory, or device memory of one GPU), so every
 //! op is a short `match` that forwards to the backend's implementation and the models are
 //! written once against [`Tensor`]. Tensors are dense and row-major; ops that need a strided
 //! view (one attention head inside a fused projection, say) take the strides as arguments
@@ -20,6 +20,7 @@ compile_error!(
 );
 
 use crate::bail;
+use crate::cuda::{self, CudaBuffer, CudaDevice};
 use crate::error::{Error, Result};
 
 /// Element type of a tensor's storage.
@@ -64,12 +65,15 @@ impl DType {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
+    /// A GPU by CUDA ordinal.
+    Cuda(usize),
 }
 
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
 }
@@ -171,10 +175,24 @@ impl CpuStorage {
     }
 }
 
+/// Device memory holding elements of one dtype.
+#[derive(Debug)]
+pub struct CudaStorage {
+    pub buf: CudaBuffer,
+    pub dtype: DType,
+}
+
+impl CudaStorage {
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        self.buf.device()
+    }
+}
+
 /// Backend storage of a tensor.
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
 }
 
 /// A dense row-major tensor.
@@ -208,16 +226,44 @@ impl Tensor {
         Self::from_cpu(CpuStorage::F32(data), shape)
     }
 
-    pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Self {
+    /// A tensor over device memory holding at least `shape`'s elements of `dtype`.
+    pub fn from_cuda(buf: CudaBuffer, dtype: DType, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
-        let storage = match (device, dtype) {
-            (Device::Cpu, DType::F32) => CpuStorage::F32(vec![0.0; n]),
-            (Device::Cpu, DType::BF16) => CpuStorage::BF16(vec![bf16::ZERO; n]),
-            (Device::Cpu, DType::F16) => CpuStorage::F16(vec![f16::ZERO; n]),
-        };
-        Tensor {
-            storage: Arc::new(Storage::Cpu(storage)),
+        if buf.len() < n * dtype.size_in_bytes() {
+            bail!(
+                Shape,
+                "a {}-byte buffer cannot hold {shape:?} {}",
+                buf.len(),
+                dtype.name()
+            );
+        }
+        Ok(Tensor {
+            storage: Arc::new(Storage::Cuda(CudaStorage { buf, dtype })),
             shape: shape.to_vec(),
+        })
+    }
+
+    /// Uninitialised device memory for `shape` (every op writes its whole output).
+    pub fn cuda_uninit(device: &Arc<CudaDevice>, dtype: DType, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        Tensor::from_cuda(device.alloc(n * dtype.size_in_bytes())?, dtype, shape)
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        match device {
+            Device::Cpu => {
+                let storage = match dtype {
+                    DType::F32 => CpuStorage::F32(vec![0.0; n]),
+                    DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
+                    DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
+                };
+                Tensor::from_cpu(storage, shape)
+            }
+            Device::Cuda(i) => {
+                let buf = cuda::device(i)?.alloc_zeros(n * dtype.size_in_bytes())?;
+                Tensor::from_cuda(buf, dtype, shape)
+            }
         }
     }
 
@@ -236,12 +282,14 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match self.storage.as_ref() {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype,
         }
     }
 
     pub fn device(&self) -> Device {
         match self.storage.as_ref() {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => Device::Cuda(s.device().ordinal()),
         }
     }
 
@@ -249,10 +297,51 @@ impl Tensor {
         &self.storage
     }
 
-    /// The host storage, or an error if the tensor lives on a device.
+    /// The host storage, or an error if the tensor lives on a GPU.
     pub fn cpu_storage(&self) -> Result<&CpuStorage> {
         match self.storage.as_ref() {
             Storage::Cpu(s) => Ok(s),
+            Storage::Cuda(s) => bail!(
+                Shape,
+                "expected a CPU tensor, found one on cuda:{}",
+                s.device().ordinal()
+            ),
+        }
+    }
+
+    /// The device storage, or an error if the tensor is on the host.
+    pub fn cuda_storage(&self) -> Result<&CudaStorage> {
+        match self.storage.as_ref() {
+            Storage::Cuda(s) => Ok(s),
+            Storage::Cpu(_) => bail!(Shape, "expected a GPU tensor, found one on the CPU"),
+        }
+    }
+
+    /// A copy on `device` (the same tensor if it is already there).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let host = self.to_cpu()?;
+        match device {
+            Device::Cpu => Ok(host),
+            Device::Cuda(i) => {
+                let s = host.cpu_storage()?;
+                let buf = cuda::device(i)?.upload(s.as_bytes())?;
+                Tensor::from_cuda(buf, s.dtype(), &self.shape)
+            }
+        }
+    }
+
+    /// A host copy, in the same dtype.
+    pub fn to_cpu(&self) -> Result<Tensor> {
+        match self.storage.as_ref() {
+            Storage::Cpu(_) => Ok(self.clone()),
+            Storage::Cuda(s) => {
+                let n = self.elem_count() * s.dtype.size_in_bytes();
+                let bytes = s.buf.download()?;
+                Tensor::from_cpu(CpuStorage::from_le_bytes(&bytes[..n], s.dtype), &self.shape)
+            }
         }
     }
 
@@ -274,7 +363,7 @@ impl Tensor {
 
     /// Copy the elements to host f32, whatever the dtype and device.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
-        Ok(self.cpu_storage()?.to_f32_vec())
+        Ok(self.to_cpu()?.cpu_storage()?.to_f32_vec())
     }
 
     /// Same storage, new shape with the same element count.
@@ -292,6 +381,8 @@ impl Tensor {
         }
         match self.storage.as_ref() {
             Storage::Cpu(s) => Tensor::from_cpu(s.to_dtype(dtype), &self.shape),
+            // Conversions on the GPU happen at load time only; a host round trip is enough.
+            Storage::Cuda(_) => self.to_cpu()?.to_dtype(dtype)?.to_device(self.device()),
         }
     }
 

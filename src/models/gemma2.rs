@@ -17,15 +17,17 @@ use crate::bail;
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::lora::Adapter;
-use crate::models::{LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config};
+use crate::models::{
+    LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config, round_to,
+};
 use crate::ops::activation::{Gate, gated};
 use crate::ops::attention::{AttentionParams, attention};
 use crate::ops::elementwise::add;
 use crate::ops::embedding::{embed, gather_rows};
 use crate::ops::linear::{Linear, linear};
-use crate::ops::norm::{NormKind, RmsNorm, rms_norm};
+use crate::ops::norm::{NormKind, RmsNorm, norm_add_norm, rms_norm};
 use crate::ops::rope::{self, RopeTable};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::weights::Checkpoint;
 
 fn default_eps() -> f64 {
@@ -104,6 +106,13 @@ impl Config {
                 bail!(Model, "{}: unknown layer type `{bad}`", where_.display());
             }
         }
+        if self.num_hidden_layers == 0 {
+            bail!(
+                Model,
+                "{}: num_hidden_layers must be at least 1",
+                where_.display()
+            );
+        }
         if self.num_key_value_heads == 0
             || !self
                 .num_attention_heads
@@ -153,6 +162,8 @@ pub struct Gemma2 {
     pub info: ModelInfo,
     embed: Tensor,
     embed_scale: f32,
+    /// Activation dtype.
+    dtype: DType,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     score: Linear,
@@ -231,13 +242,15 @@ impl Gemma2 {
             parameters: w.parameters,
             score_source,
         };
-        // transformers multiplies by sqrt(hidden) cast to the activation dtype (f32 here).
-        let embed_scale = (h as f64).sqrt() as f32;
+        // transformers multiplies by sqrt(hidden) cast to the activation dtype (rounded in bf16).
+        let dtype = w.dtype;
+        let embed_scale = round_to(dtype, (h as f64).sqrt() as f32);
         Ok(Gemma2 {
             config: cfg,
             info,
             embed,
             embed_scale,
+            dtype,
             layers,
             norm,
             score,
@@ -245,7 +258,7 @@ impl Gemma2 {
         })
     }
 
-    /// Class logits `[rows, 3]`.
+    /// Class logits `[rows, 3]` (f32).
     pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
         let layout = &batch.layout;
         let positions = layout.positions();
@@ -255,21 +268,26 @@ impl Gemma2 {
             .iter()
             .map(|f| RopeTable::new(&positions, f, device))
             .collect::<Result<Vec<_>>>()?;
-        let mut x = embed(&self.embed, &batch.ids, self.embed_scale)?;
-        for layer in &self.layers {
+        let mut x = embed(&self.embed, &batch.ids, self.embed_scale, self.dtype)?;
+        // h: the normalised input of the next sublayer; x: the residual stream.
+        let mut h = rms_norm(&x, &self.layers[0].input_norm)?;
+        for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
-            let hn = rms_norm(&x, &layer.input_norm)?;
-            let q = rope::apply(&linear(&hn, &a.q)?, &ropes[a.rope], a.params.head_dim)?;
-            let k = rope::apply(&linear(&hn, &a.k)?, &ropes[a.rope], a.params.head_dim)?;
-            let v = linear(&hn, &a.v)?;
+            let q = rope::apply(&linear(&h, &a.q)?, &ropes[a.rope], a.params.head_dim)?;
+            let k = rope::apply(&linear(&h, &a.k)?, &ropes[a.rope], a.params.head_dim)?;
+            let v = linear(&h, &a.v)?;
             let att = linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?;
-            x = add(&x, &rms_norm(&att, &layer.post_attn_norm)?)?;
+            (x, h) = norm_add_norm(&x, &att, &layer.post_attn_norm, &layer.pre_ff_norm)?;
 
             let m = &layer.mlp;
-            let hn = rms_norm(&x, &layer.pre_ff_norm)?;
-            let act = gated(&linear(&hn, &m.gate)?, &linear(&hn, &m.up)?, m.act)?;
+            let act = gated(&linear(&h, &m.gate)?, &linear(&h, &m.up)?, m.act)?;
             let ff = linear(&act, &m.down)?;
-            x = add(&x, &rms_norm(&ff, &layer.post_ff_norm)?)?;
+            match self.layers.get(i + 1) {
+                Some(next) => {
+                    (x, h) = norm_add_norm(&x, &ff, &layer.post_ff_norm, &next.input_norm)?
+                }
+                None => x = add(&x, &rms_norm(&ff, &layer.post_ff_norm)?)?,
+            }
         }
         // Only the last token of each row reaches the head; normalising just those rows is
         // the same function as normalising all of them (RMSNorm is per row).

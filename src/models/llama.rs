@@ -20,9 +20,9 @@ use crate::ops::attention::{AttentionParams, attention};
 use crate::ops::elementwise::add;
 use crate::ops::embedding::{embed, gather_rows};
 use crate::ops::linear::{Linear, linear};
-use crate::ops::norm::{NormKind, RmsNorm, rms_norm};
+use crate::ops::norm::{NormKind, RmsNorm, add_rms_norm, rms_norm};
 use crate::ops::rope::{self, RopeTable};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::weights::Checkpoint;
 
 fn default_eps() -> f64 {
@@ -80,6 +80,13 @@ impl Config {
                 where_.display()
             );
         }
+        if self.num_hidden_layers == 0 || self.num_attention_heads == 0 {
+            bail!(
+                Model,
+                "{}: num_hidden_layers and num_attention_heads must be at least 1",
+                where_.display()
+            );
+        }
         let nkv = self.kv_heads();
         if nkv == 0 || !self.num_attention_heads.is_multiple_of(nkv) {
             bail!(
@@ -120,6 +127,8 @@ pub struct Llama {
     pub config: Config,
     pub info: ModelInfo,
     embed: Tensor,
+    /// Activation dtype.
+    dtype: DType,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     score: Linear,
@@ -192,10 +201,12 @@ impl Llama {
             parameters: w.parameters,
             score_source,
         };
+        let dtype = w.dtype;
         Ok(Llama {
             config: cfg,
             info,
             embed,
+            dtype,
             layers,
             norm,
             score,
@@ -203,27 +214,29 @@ impl Llama {
         })
     }
 
-    /// Class logits `[rows, 3]`.
+    /// Class logits `[rows, 3]` (f32).
     pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
         let layout = &batch.layout;
         let positions = layout.positions();
         let rope_table = RopeTable::new(&positions, &self.inv_freq, self.embed.device())?;
-        let mut x = embed(&self.embed, &batch.ids, 1.0)?;
-        for layer in &self.layers {
+        let mut x = embed(&self.embed, &batch.ids, 1.0, self.dtype)?;
+        // h: the normalised input of the next sublayer; x: the residual stream.
+        let mut h = rms_norm(&x, &self.layers[0].input_norm)?;
+        for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
-            let hn = rms_norm(&x, &layer.input_norm)?;
-            let q = rope::apply(&linear(&hn, &a.q)?, &rope_table, a.params.head_dim)?;
-            let k = rope::apply(&linear(&hn, &a.k)?, &rope_table, a.params.head_dim)?;
-            let v = linear(&hn, &a.v)?;
-            x = add(
-                &x,
-                &linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?,
-            )?;
+            let q = rope::apply(&linear(&h, &a.q)?, &rope_table, a.params.head_dim)?;
+            let k = rope::apply(&linear(&h, &a.k)?, &rope_table, a.params.head_dim)?;
+            let v = linear(&h, &a.v)?;
+            let att = linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?;
+            (x, h) = add_rms_norm(&x, &att, &layer.post_attn_norm)?;
 
             let m = &layer.mlp;
-            let hn = rms_norm(&x, &layer.post_attn_norm)?;
-            let act = gated(&linear(&hn, &m.gate)?, &linear(&hn, &m.up)?, m.act)?;
-            x = add(&x, &linear(&act, &m.down)?)?;
+            let act = gated(&linear(&h, &m.gate)?, &linear(&h, &m.up)?, m.act)?;
+            let ff = linear(&act, &m.down)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = add_rms_norm(&x, &ff, &next.input_norm)?,
+                None => x = add(&x, &ff)?,
+            }
         }
         let last = gather_rows(&x, &layout.last_tokens())?;
         linear(&rms_norm(&last, &self.norm)?, &self.score)

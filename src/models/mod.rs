@@ -19,7 +19,7 @@ use crate::bail;
 use crate::data::batch::TokenBatch;
 use crate::error::{Error, Result};
 use crate::lora::Adapter;
-use crate::ops::linear::{BaseWeight, Linear};
+use crate::ops::linear::{BaseWeight, Linear, Lora};
 use crate::ops::norm::{NormKind, RmsNorm};
 use crate::quant::nf4::Nf4Tensor;
 use crate::tensor::{DType, Device, Tensor};
@@ -41,6 +41,9 @@ pub enum Quant {
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub device: Device,
+    /// Activation dtype: f32 on the CPU; on a GPU bf16 where it has bf16 tensor cores (sm_80+)
+    /// and f16 otherwise, unless set.
+    pub dtype: Option<DType>,
     pub quant: Quant,
     /// A PEFT LoRA adapter directory.
     pub adapter: Option<PathBuf>,
@@ -52,6 +55,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             device: Device::Cpu,
+            dtype: None,
             quant: Quant::None,
             adapter: None,
             seed: 0,
@@ -266,13 +270,41 @@ impl RopeSpec {
     }
 }
 
+/// The activation dtype a load resolves to on its device.
+pub fn activation_dtype(opts: &LoadOptions) -> Result<DType> {
+    match (opts.device, opts.dtype) {
+        (Device::Cpu, None | Some(DType::F32)) => Ok(DType::F32),
+        (Device::Cpu, Some(d)) => bail!(Usage, "the CPU backend computes in f32, not {}", d.name()),
+        (Device::Cuda(_), Some(DType::F32)) => {
+            bail!(
+                Usage,
+                "the CUDA backend computes in bf16 or f16 (tensor cores), not f32"
+            )
+        }
+        (Device::Cuda(i), Some(d)) => {
+            if d == DType::BF16 && !crate::cuda::device(i)?.has_bf16() {
+                bail!(Usage, "cuda:{i} has no bf16 tensor cores (sm_75): use f16");
+            }
+            Ok(d)
+        }
+        (Device::Cuda(i), None) => Ok(if crate::cuda::device(i)?.has_bf16() {
+            DType::BF16
+        } else {
+            DType::F16
+        }),
+    }
+}
+
 /// Builds layers from a checkpoint: finds tensors by name under the checkpoint's prefix,
-/// checks shapes, quantises the base projections, and attaches the adapter's LoRA.
+/// checks shapes, quantises the base projections, attaches the adapter's LoRA and places
+/// everything on the target device (projections and LoRA in the activation dtype or NF4,
+/// norms and the score head in f32, the embedding table in its stored dtype).
 pub(crate) struct WeightLoader<'a> {
     pub ck: &'a Checkpoint,
     /// `model.` for causal-LM and sequence-classification checkpoints, empty for bare ones.
     pub prefix: String,
     pub opts: &'a LoadOptions,
+    pub dtype: DType,
     pub adapter: Option<&'a mut Adapter>,
     pub weight_bytes: usize,
     pub parameters: usize,
@@ -295,10 +327,12 @@ impl<'a> WeightLoader<'a> {
                 ck.dir().display()
             )
         };
+        let dtype = activation_dtype(opts)?;
         Ok(WeightLoader {
             ck,
             prefix,
             opts,
+            dtype,
             adapter,
             weight_bytes: 0,
             parameters: 0,
@@ -313,7 +347,10 @@ impl<'a> WeightLoader<'a> {
     /// The embedding table, kept in its stored dtype.
     pub fn embedding(&mut self, vocab: usize, hidden: usize) -> Result<Tensor> {
         let name = format!("{}embed_tokens.weight", self.prefix);
-        let t = self.ck.load(&name, &[vocab, hidden])?;
+        let t = self
+            .ck
+            .load(&name, &[vocab, hidden])?
+            .to_device(self.opts.device)?;
         self.count(&t);
         Ok(t)
     }
@@ -327,7 +364,10 @@ impl<'a> WeightLoader<'a> {
         kind: NormKind,
     ) -> Result<RmsNorm> {
         let name = format!("{}{module}.weight", self.prefix);
-        let weight = self.ck.load_as(&name, &[hidden], DType::F32)?;
+        let weight = self
+            .ck
+            .load_as(&name, &[hidden], DType::F32)?
+            .to_device(self.opts.device)?;
         self.count(&weight);
         Ok(RmsNorm { weight, eps, kind })
     }
@@ -335,41 +375,54 @@ impl<'a> WeightLoader<'a> {
     /// A quantisable projection `[out, inp]` with the adapter's LoRA, if it has one for it.
     pub fn projection(&mut self, module: &str, out: usize, inp: usize) -> Result<Linear> {
         let name = format!("{}{module}.weight", self.prefix);
-        let w = match self.opts.quant {
-            Quant::None => {
-                let t = self.ck.load(&name, &[out, inp])?;
-                self.weight_bytes += t.elem_count() * t.dtype().size_in_bytes();
-                BaseWeight::Dense(t)
-            }
-            Quant::Nf4 { double_quant } => {
-                let t = self.ck.load(&name, &[out, inp])?;
+        let t = self.ck.load(&name, &[out, inp])?;
+        let w = match (self.opts.quant, self.opts.device) {
+            (Quant::None, Device::Cpu) => BaseWeight::Dense(t),
+            (Quant::None, dev) => BaseWeight::Dense(t.to_dtype(self.dtype)?.to_device(dev)?),
+            (Quant::Nf4 { double_quant }, dev) => {
                 let q = Nf4Tensor::quantize(t.cpu_storage()?, &[out, inp], double_quant)
                     .map_err(|e| e.context(format!("quantising `{name}`")))?;
-                self.weight_bytes += q.nbytes();
-                BaseWeight::Nf4(q)
+                match dev {
+                    Device::Cpu => BaseWeight::Nf4(q),
+                    Device::Cuda(i) => BaseWeight::Nf4Cuda(std::sync::Arc::new(
+                        q.to_device(&crate::cuda::device(i)?)?,
+                    )),
+                }
             }
         };
+        self.weight_bytes += w.nbytes();
         self.parameters += out * inp;
         // LoRA keys use the Hugging Face module path, always under `model.`.
         let lora = match self.adapter.as_deref_mut() {
             Some(a) => a.take_lora(&format!("model.{module}"), out, inp)?,
             None => None,
         };
+        let lora = match lora {
+            Some(l) => Some(Lora {
+                a: l.a.to_dtype(self.dtype)?.to_device(self.opts.device)?,
+                b: l.b.to_dtype(self.dtype)?.to_device(self.opts.device)?,
+                scale: l.scale,
+            }),
+            None => None,
+        };
         Linear::new(w, lora)
     }
 
-    /// The `[3, hidden]` score head: from the adapter (`modules_to_save`), else the checkpoint's
-    /// `score.weight`, else seeded N(0, initializer_range) with a warning.
+    /// The `[3, hidden]` score head (f32): from the adapter (`modules_to_save`), else the
+    /// checkpoint's `score.weight`, else seeded N(0, initializer_range) with a warning.
     pub fn score(&mut self, hidden: usize, initializer_range: f64) -> Result<(Linear, String)> {
+        let (t, source) = self.score_weight(hidden, initializer_range)?;
+        let t = t.to_device(self.opts.device)?;
+        Ok((Linear::new(BaseWeight::Dense(t), None)?, source))
+    }
+
+    fn score_weight(&mut self, hidden: usize, initializer_range: f64) -> Result<(Tensor, String)> {
         let shape = [NUM_LABELS, hidden];
-        if let Some(a) = self.adapter.as_deref_mut()
-            && let Some(t) = a.take_score(hidden)?
-        {
-            self.parameters += t.elem_count();
-            return Ok((
-                Linear::new(BaseWeight::Dense(t), None)?,
-                format!("adapter {}", a.dir().display()),
-            ));
+        if let Some(a) = self.adapter.as_deref_mut() {
+            if let Some(t) = a.take_score(hidden)? {
+                self.parameters += t.elem_count();
+                return Ok((t, format!("adapter {}", a.dir().display())));
+            }
         }
         if let Ok(e) = self.ck.entry("score.weight") {
             if e.shape.len() == 2 && e.shape[1] == hidden && e.shape[0] != NUM_LABELS {
@@ -382,10 +435,7 @@ impl<'a> WeightLoader<'a> {
             }
             let t = self.ck.load_as("score.weight", &shape, DType::F32)?;
             self.count(&t);
-            return Ok((
-                Linear::new(BaseWeight::Dense(t), None)?,
-                "checkpoint".to_string(),
-            ));
+            return Ok((t, "checkpoint".to_string()));
         }
         eprintln!(
             "warning: {} has no score head (`score.weight`) and no adapter supplies one; \
@@ -395,10 +445,17 @@ impl<'a> WeightLoader<'a> {
         );
         let t = random_normal(&shape, initializer_range, self.opts.seed)?;
         self.count(&t);
-        Ok((
-            Linear::new(BaseWeight::Dense(t), None)?,
-            format!("random (seed {})", self.opts.seed),
-        ))
+        Ok((t, format!("random (seed {})", self.opts.seed)))
+    }
+}
+
+/// `x` as a tensor of `dtype` would hold it (the value transformers computes a scalar
+/// constant in, e.g. Gemma's √hidden in bf16).
+pub fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
     }
 }
 

@@ -19,9 +19,12 @@
 //! absmax (`absmax2`). Dequantised: `absmax = code[q] * absmax2[b / 256] + offset`, then
 //! `w = NF4[nibble] * absmax`, all in f32.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::bail;
+use crate::cuda::{CudaBuffer, CudaDevice};
 use crate::error::Result;
 use crate::tensor::CpuStorage;
 
@@ -348,6 +351,71 @@ pub fn nested_quantize(absmax: &[f32], offset: f32) -> Absmax {
         absmax2,
         offset,
         code,
+    }
+}
+
+/// An NF4 weight in device memory, in exactly the layout of [`Nf4Tensor`].
+#[derive(Debug)]
+pub struct Nf4Device {
+    pub shape: Vec<usize>,
+    /// `ceil(numel / 2)` bytes, two codes per byte (even element in the high nibble).
+    pub packed: CudaBuffer,
+    pub absmax: DeviceAbsmax,
+}
+
+/// Per-block scales on the device.
+#[derive(Debug)]
+pub enum DeviceAbsmax {
+    /// f32 per 64-value block.
+    Plain(CudaBuffer),
+    /// u8 per block, f32 per 256 blocks, the offset, and the 256-entry f32 dynamic code.
+    Double {
+        q: CudaBuffer,
+        absmax2: CudaBuffer,
+        offset: f32,
+        code: CudaBuffer,
+    },
+}
+
+impl Nf4Device {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.packed.len()
+            + match &self.absmax {
+                DeviceAbsmax::Plain(a) => a.len(),
+                DeviceAbsmax::Double {
+                    q, absmax2, code, ..
+                } => q.len() + absmax2.len() + code.len(),
+            }
+    }
+}
+
+impl Nf4Tensor {
+    /// Copy to a GPU.
+    pub fn to_device(&self, device: &Arc<CudaDevice>) -> Result<Nf4Device> {
+        let packed = device.upload(&self.packed)?;
+        let absmax = match &self.absmax {
+            Absmax::Plain(a) => DeviceAbsmax::Plain(device.upload(bytemuck::cast_slice(a))?),
+            Absmax::Double {
+                q,
+                absmax2,
+                offset,
+                code,
+            } => DeviceAbsmax::Double {
+                q: device.upload(q)?,
+                absmax2: device.upload(bytemuck::cast_slice(absmax2))?,
+                offset: *offset,
+                code: device.upload(bytemuck::cast_slice(&code[..]))?,
+            },
+        };
+        Ok(Nf4Device {
+            shape: self.shape.clone(),
+            packed,
+            absmax,
+        })
     }
 }
 

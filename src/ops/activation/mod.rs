@@ -2,6 +2,7 @@
 //! approximation of GELU (Gemma-2's `gelu_pytorch_tanh`) or SiLU (Llama's SwiGLU).
 
 mod cpu;
+mod cuda;
 
 use crate::bail;
 use crate::error::Result;
@@ -39,7 +40,16 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor> {
             up.shape()
         );
     }
+    if gate.dtype() != up.dtype() {
+        bail!(
+            Shape,
+            "gated activation: gate is {}, up is {}",
+            gate.dtype().name(),
+            up.dtype().name()
+        );
+    }
     match gate.device() {
+        Device::Cuda(_) => cuda::gated(gate, up, act),
         Device::Cpu => Tensor::from_f32(
             cpu::gated(gate.as_f32_slice()?, up.as_f32_slice()?, act),
             gate.shape(),

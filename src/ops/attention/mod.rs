@@ -7,6 +7,7 @@
 //! key/value head `h / (n_heads / n_kv_heads)`. Rows never see each other.
 
 mod cpu;
+mod cuda;
 
 use crate::bail;
 use crate::error::Result;
@@ -63,6 +64,7 @@ pub fn attention(
         bail!(Shape, "attention: a sliding window of 0 sees nothing");
     }
     match q.device() {
+        Device::Cuda(_) => cuda::attention(q, k, v, layout, p),
         Device::Cpu => {
             let y = cpu::attention(
                 q.as_f32_slice()?,

@@ -2,13 +2,15 @@
 //! constant (Gemma-2 scales by √hidden; Llama by 1).
 
 mod cpu;
+mod cuda;
 
 use crate::bail;
 use crate::error::Result;
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
-/// `[tokens, hidden]` rows of `table` (`[vocab, hidden]`, any storage dtype), times `scale`.
-pub fn embed(table: &Tensor, ids: &[u32], scale: f32) -> Result<Tensor> {
+/// `[tokens, hidden]` rows of `table` (`[vocab, hidden]`, any storage dtype), times `scale`,
+/// as `dtype` (the activation dtype: f32 on the CPU).
+pub fn embed(table: &Tensor, ids: &[u32], scale: f32, dtype: DType) -> Result<Tensor> {
     let (vocab, h) = table.dims2()?;
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         bail!(
@@ -17,6 +19,12 @@ pub fn embed(table: &Tensor, ids: &[u32], scale: f32) -> Result<Tensor> {
         );
     }
     match table.device() {
+        Device::Cuda(_) => cuda::embed(table, ids, scale, dtype),
+        Device::Cpu if dtype != DType::F32 => bail!(
+            Shape,
+            "embedding: CPU activations are f32, not {}",
+            dtype.name()
+        ),
         Device::Cpu => Tensor::from_f32(
             cpu::embed(table.cpu_storage()?, h, ids, scale),
             &[ids.len(), h],
@@ -31,6 +39,7 @@ pub fn gather_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
         bail!(Shape, "gather_rows: row {bad} of {t}");
     }
     match x.device() {
+        Device::Cuda(_) => cuda::gather_rows(x, idx),
         Device::Cpu => {
             Tensor::from_f32(cpu::gather_rows(x.as_f32_slice()?, h, idx), &[idx.len(), h])
         }

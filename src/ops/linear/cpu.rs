@@ -1,5 +1,6 @@
 //! CPU twin of the linear op: dense or NF4 base, plus LoRA.
 
+use crate::bail;
 use crate::error::Result;
 use crate::ops::gemm::{MatRef, Threads, sgemm};
 use crate::tensor::CpuStorage;
@@ -33,6 +34,10 @@ pub(super) fn linear(x: &[f32], t: usize, k: usize, n: usize, layer: &Linear) ->
         BaseWeight::Nf4(q) => tiled(x, t, k, n, &mut y, |start, out| {
             q.dequantize_into(start, out)
         }),
+        BaseWeight::Nf4Cuda(_) => bail!(
+            Shape,
+            "linear: the NF4 weight is on a GPU, the input on the CPU"
+        ),
     }
     if let Some(l) = &layer.lora {
         let a = l.a.as_f32_slice()?;

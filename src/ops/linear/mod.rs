@@ -7,17 +7,24 @@
 //! inside its tile loads).
 
 mod cpu;
+mod cuda;
+
+use std::sync::Arc;
 
 use crate::bail;
 use crate::error::Result;
-use crate::quant::nf4::Nf4Tensor;
+use crate::quant::nf4::{Nf4Device, Nf4Tensor};
 use crate::tensor::{DType, Device, Tensor};
 
 /// A frozen base weight, `[out_features, in_features]`.
 #[derive(Clone, Debug)]
 pub enum BaseWeight {
+    /// Dense, on the tensor's device, in any storage dtype.
     Dense(Tensor),
+    /// NF4 in host memory.
     Nf4(Nf4Tensor),
+    /// NF4 in device memory.
+    Nf4Cuda(Arc<Nf4Device>),
 }
 
 impl BaseWeight {
@@ -25,6 +32,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(t) => (t.shape()[0], t.shape()[1]),
             BaseWeight::Nf4(q) => (q.shape[0], q.shape[1]),
+            BaseWeight::Nf4Cuda(q) => (q.shape[0], q.shape[1]),
         }
     }
 
@@ -33,6 +41,15 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             BaseWeight::Nf4(q) => q.nbytes(),
+            BaseWeight::Nf4Cuda(q) => q.nbytes(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            BaseWeight::Dense(t) => t.device(),
+            BaseWeight::Nf4(_) => Device::Cpu,
+            BaseWeight::Nf4Cuda(q) => Device::Cuda(q.packed.device().ordinal()),
         }
     }
 }
@@ -79,7 +96,8 @@ impl Linear {
     }
 }
 
-/// `x` is `[tokens, in]`, the result `[tokens, out]` (f32).
+/// `x` is `[tokens, in]`; the result is `[tokens, out]` in `x`'s dtype, except that a dense
+/// f32 weight on the GPU (the score head) gives f32.
 pub fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
     let (t, k) = x.dims2()?;
     let (n, kw) = layer.weight.dims();
@@ -89,15 +107,24 @@ pub fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
             "linear: input has {k} features, the weight expects {kw}"
         );
     }
-    if x.dtype() != DType::F32 {
+    if x.device() != layer.weight.device() {
         bail!(
             Shape,
-            "linear: CPU activations must be f32, found {}",
-            x.dtype().name()
+            "linear: input on {} but weight on {}",
+            x.device(),
+            layer.weight.device()
         );
     }
     match x.device() {
+        Device::Cuda(_) => cuda::linear(x, t, k, n, layer),
         Device::Cpu => {
+            if x.dtype() != DType::F32 {
+                bail!(
+                    Shape,
+                    "linear: CPU activations must be f32, found {}",
+                    x.dtype().name()
+                );
+            }
             let y = cpu::linear(x.as_f32_slice()?, t, k, n, layer)?;
             Tensor::from_f32(y, &[t, n])
         }

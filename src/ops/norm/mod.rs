@@ -2,9 +2,11 @@
 //! `y = x · rsqrt(mean(x²) + eps) · g` where `g = 1 + w` (Gemma) or `g = w` (Llama).
 
 mod cpu;
+mod cuda;
 
 use crate::bail;
 use crate::error::Result;
+use crate::ops::elementwise::add;
 use crate::tensor::{Device, Tensor};
 
 /// Which gain the norm applies.
@@ -35,6 +37,7 @@ pub fn rms_norm(x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
         );
     }
     match x.device() {
+        Device::Cuda(_) => cuda::rms_norm(x, norm),
         Device::Cpu => {
             let y = cpu::rms_norm(
                 x.as_f32_slice()?,
@@ -46,4 +49,60 @@ pub fn rms_norm(x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
             Tensor::from_f32(y, &[t, h])
         }
     }
+}
+
+/// The residual add fused with the next norm: `s = x + a`, `y = norm(s)`; returns `(s, y)`
+/// (Llama: after attention and after the MLP). On the CPU it is the composition of [`add`] and
+/// [`rms_norm`], the definition the fused CUDA kernel is tested against.
+pub fn add_rms_norm(x: &Tensor, a: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
+    check_pair(x, a, norm)?;
+    match x.device() {
+        Device::Cuda(_) => cuda::add_rms_norm(x, a, norm),
+        Device::Cpu => {
+            let s = add(x, a)?;
+            let y = rms_norm(&s, norm)?;
+            Ok((s, y))
+        }
+    }
+}
+
+/// Post-norm, residual add and the next pre-norm fused: `s = x + post(a)`, `y = pre(s)`;
+/// returns `(s, y)` (Gemma-2, whose sublayer outputs are normalised before the residual).
+pub fn norm_add_norm(
+    x: &Tensor,
+    a: &Tensor,
+    post: &RmsNorm,
+    pre: &RmsNorm,
+) -> Result<(Tensor, Tensor)> {
+    check_pair(x, a, post)?;
+    if pre.weight.shape() != post.weight.shape() || pre.eps != post.eps || pre.kind != post.kind {
+        bail!(
+            Shape,
+            "norm_add_norm: the two norms must share size, eps and kind"
+        );
+    }
+    match x.device() {
+        Device::Cuda(_) => cuda::norm_add_norm(x, a, post, pre),
+        Device::Cpu => {
+            let s = add(x, &rms_norm(a, post)?)?;
+            let y = rms_norm(&s, pre)?;
+            Ok((s, y))
+        }
+    }
+}
+
+fn check_pair(x: &Tensor, a: &Tensor, norm: &RmsNorm) -> Result<()> {
+    let (_, h) = x.dims2()?;
+    if x.shape() != a.shape() || x.dtype() != a.dtype() || norm.weight.shape() != [h] {
+        bail!(
+            Shape,
+            "fused norm: x {:?} {}, a {:?} {}, weight {:?}",
+            x.shape(),
+            x.dtype().name(),
+            a.shape(),
+            a.dtype().name(),
+            norm.weight.shape()
+        );
+    }
+    Ok(())
 }

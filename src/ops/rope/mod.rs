@@ -6,6 +6,7 @@
 //! (the product Hugging Face's rotary module forms), then `cos`/`sin` in f32.
 
 mod cpu;
+mod cuda;
 
 use crate::bail;
 use crate::error::Result;
@@ -60,6 +61,10 @@ pub struct RopeTable {
 impl RopeTable {
     pub fn new(positions: &[u32], inv_freq: &[f32], device: Device) -> Result<Self> {
         match device {
+            Device::Cuda(i) => {
+                let (cos, sin) = cuda::table(&crate::cuda::device(i)?, positions, inv_freq)?;
+                Ok(RopeTable { cos, sin })
+            }
             Device::Cpu => {
                 let (cos, sin) = cpu::table(positions, inv_freq);
                 let shape = [positions.len(), inv_freq.len()];
@@ -84,6 +89,7 @@ pub fn apply(x: &Tensor, table: &RopeTable, head_dim: usize) -> Result<Tensor> {
         );
     }
     match x.device() {
+        Device::Cuda(_) => cuda::apply(x, &table.cos, &table.sin, head_dim),
         Device::Cpu => {
             let y = cpu::apply(
                 x.as_f32_slice()?,

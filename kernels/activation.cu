@@ -1,0 +1,28 @@
+// Gated activations of the feed-forward blocks: y = act(gate) * up, act = tanh-GELU (0) or
+// SiLU (1), computed in f32 and rounded once to T.
+#include "common.cuh"
+
+template <typename T>
+__device__ void gated_body(T* __restrict__ y, const T* __restrict__ gate, const T* __restrict__ up, long long n, int act) {
+    constexpr int P = Pack<T>::N;
+    const long long packs = n / P;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < packs; i += stride) {
+        float g[P], u[P];
+        load_pack(gate + i * P, g);
+        load_pack(up + i * P, u);
+#pragma unroll
+        for (int j = 0; j < P; j++) g[j] = (act == 0 ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
+        store_pack(y + i * P, g);
+    }
+    for (long long i = packs * P + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float g = to_f32(gate[i]);
+        y[i] = from_f32<T>((act == 0 ? gelu_tanh(g) : silu(g)) * to_f32(up[i]));
+    }
+}
+
+#define GATED(T, N)                                                                              \
+    extern "C" __global__ void gated_##N(T* y, const T* gate, const T* up, long long n, int act) { \
+        gated_body(y, gate, up, n, act);                                                         \
+    }
+ENGINE_FOR_FLOAT_TYPES(GATED)
