@@ -229,6 +229,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 r.tokens_per_second(),
                 r.load_seconds
             );
+            if let Some(peak) = r.peak_gpu_bytes {
+                eprintln!(
+                    "peak GPU memory {:.2} GiB",
+                    peak as f64 / (1u64 << 30) as f64
+                );
+            }
             if let (Some(l), Some(acc)) = (r.log_loss, r.accuracy) {
                 eprintln!("log loss {l:.5}, accuracy {acc:.4} (the data file has labels)");
             }

@@ -112,21 +112,6 @@ impl std::error::Error for Error {
     }
 }
 
-/// `.context("while X")` on any `Result` whose error converts into [`Error`].
-pub trait Context<T> {
-    fn context(self, context: impl Into<String>) -> Result<T>;
-    fn with_context<S: Into<String>>(self, f: impl FnOnce() -> S) -> Result<T>;
-}
-
-impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
-    fn context(self, context: impl Into<String>) -> Result<T> {
-        self.map_err(|e| e.into().context(context))
-    }
-    fn with_context<S: Into<String>>(self, f: impl FnOnce() -> S) -> Result<T> {
-        self.map_err(|e| e.into().context(f()))
-    }
-}
-
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
         Error::Msg(format!("JSON: {e}"))

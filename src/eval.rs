@@ -50,6 +50,14 @@ pub fn run(pred_path: &Path, labels_path: &Path) -> Result<EvalReport> {
         }
         return Err(Error::data(pred_path, None, Some("id"), msg));
     }
+    if data.rows.is_empty() {
+        return Err(Error::data(
+            labels_path,
+            None,
+            None,
+            "no labelled rows to evaluate",
+        ));
+    }
     let labels: Vec<[f64; 3]> = data.rows.iter().filter_map(|r| r.label).collect();
     let probs: Vec<[f64; 3]> = data.rows.iter().map(|r| by_id[r.id.as_str()]).collect();
     Ok(EvalReport {

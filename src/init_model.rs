@@ -266,6 +266,45 @@ fn generate(name: &str, numel: usize, init: Init, dtype: DType, seed: u64) -> Ve
 
 /// Write the model directory; returns the number of parameters.
 pub fn run(opts: &InitOptions) -> Result<usize> {
+    // Build the directory beside its destination and move it into place at the end, so a
+    // failure never leaves a mix of old and new shards that would still load.
+    let parent = match opts.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = opts
+        .out
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("{}: not a directory path", opts.out.display())))?;
+    let staging = parent.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let result = write_dir(opts, &staging);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+        return result;
+    }
+    if opts.out.exists() {
+        let old = parent.join(format!(
+            ".{}.old{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::rename(&opts.out, &old).map_err(|e| Error::io(&opts.out, e))?;
+        std::fs::rename(&staging, &opts.out).map_err(|e| Error::io(&opts.out, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&staging, &opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    }
+    result
+}
+
+/// Write every file of the model directory into `out`; returns the number of parameters.
+fn write_dir(opts: &InitOptions, out: &Path) -> Result<usize> {
     let arch = opts.arch.unwrap_or(match opts.preset {
         Preset::Tiny | Preset::Small | Preset::Gemma2_9b => Arch::Gemma2,
         Preset::Llama31_8b => Arch::Llama,
@@ -278,7 +317,6 @@ pub fn run(opts: &InitOptions) -> Result<usize> {
             DType::BF16
         });
     let cfg = config_json(arch, opts.preset, dtype)?;
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let plan = tensor_plan(arch, &cfg)?;
     let params: usize = plan
         .iter()
@@ -321,21 +359,21 @@ pub fn run(opts: &InitOptions) -> Result<usize> {
         let meta = [("format".to_string(), "pt".to_string())]
             .into_iter()
             .collect();
-        save_safetensors(&opts.out.join(&file), &tensors, Some(meta))?;
+        save_safetensors(&out.join(&file), &tensors, Some(meta))?;
     }
     if n > 1 {
         let total: usize = params * dtype.size_in_bytes();
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_atomic(
-            &opts.out.join("model.safetensors.index.json"),
+            &out.join("model.safetensors.index.json"),
             serde_json::to_string_pretty(&index)?.as_bytes(),
         )?;
     }
     write_atomic(
-        &opts.out.join("config.json"),
+        &out.join("config.json"),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
-    let tok_dst = opts.out.join("tokenizer.json");
+    let tok_dst = out.join("tokenizer.json");
     match (&opts.tokenizer, opts.preset) {
         (Some(src), _) => copy_tokenizer(src, &tok_dst)?,
         (None, Preset::Tiny | Preset::Small) => write_atomic(&tok_dst, TINY_TOKENIZER)?,

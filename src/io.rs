@@ -30,6 +30,12 @@ impl AtomicFile {
                 dir.display()
             )));
         }
+        if dst.is_dir() {
+            return Err(Error::Usage(format!(
+                "{}: is a directory, not a file path",
+                dst.display()
+            )));
+        }
         let tmp = dir.join(format!(
             ".{}.tmp{}",
             name.to_string_lossy(),
@@ -50,12 +56,17 @@ impl AtomicFile {
     /// Flush, sync and rename onto the destination.
     pub fn commit(mut self) -> Result<()> {
         let out = self.out.take().expect("AtomicFile committed twice");
-        let file = out
+        let result = out
             .into_inner()
-            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.dst).map_err(|e| Error::io(&self.dst, e))
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))
+            .and_then(|file| file.sync_all().map_err(|e| Error::io(&self.tmp, e)))
+            .and_then(|()| {
+                std::fs::rename(&self.tmp, &self.dst).map_err(|e| Error::io(&self.dst, e))
+            });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result
     }
 }
 

@@ -10,7 +10,7 @@
 //! themselves (they reflect `target_modules` and `layers_to_transform`); a weight for a module
 //! the model does not have is an error, as is a shape that does not fit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -77,10 +77,103 @@ pub struct AdapterConfig {
     pub fan_in_fan_out: bool,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// Per-module rank overrides, in file order (the first matching key wins, as in PEFT).
     #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
+    pub rank_pattern: serde_json::Map<String, serde_json::Value>,
+    /// Per-module alpha overrides, in file order.
     #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, f64>,
+    pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
+    /// Activated LoRA (aLoRA) changes which tokens the adapter applies to; not supported.
+    #[serde(default)]
+    pub alora_invocation_tokens: Option<serde_json::Value>,
+}
+
+/// A `rank_pattern` / `alpha_pattern` key compiled the way PEFT matches it:
+/// `re.match(rf"(.*\.)?({key})$", module)`.
+struct Pattern<T> {
+    re: regex::Regex,
+    value: T,
+}
+
+fn compile_patterns<T>(
+    file: &Path,
+    field: &str,
+    map: &serde_json::Map<String, serde_json::Value>,
+    value: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<Vec<Pattern<T>>> {
+    map.iter()
+        .map(|(key, v)| {
+            let re = regex::Regex::new(&format!("^(.*\\.)?({key})$")).map_err(|e| {
+                Error::Model(format!(
+                    "{}: {field} key `{key}` is not a valid pattern: {e}",
+                    file.display()
+                ))
+            })?;
+            let value = value(v).ok_or_else(|| {
+                Error::Model(format!(
+                    "{}: {field}[`{key}`] = {v} is not a valid value",
+                    file.display()
+                ))
+            })?;
+            Ok(Pattern { re, value })
+        })
+        .collect()
+}
+
+fn first_match<T: Copy>(patterns: &[Pattern<T>], module: &str) -> Option<T> {
+    patterns
+        .iter()
+        .find(|p| p.re.is_match(module))
+        .map(|p| p.value)
+}
+
+/// Every LoRA weight must belong to a module the adapter's own config targets
+/// (`target_modules`, matched as PEFT does: a list entry equal to the module's last name, or a
+/// pattern that matches the whole path) on a layer it transforms (`layers_to_transform`).
+fn check_targets<'k>(
+    cfg_path: &Path,
+    cfg: &AdapterConfig,
+    modules: impl Iterator<Item = &'k String>,
+) -> Result<()> {
+    let pattern = match &cfg.target_modules {
+        Some(TargetModules::Pattern(p)) => {
+            Some(regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                Error::Model(format!("{}: target_modules `{p}`: {e}", cfg_path.display()))
+            })?)
+        }
+        _ => None,
+    };
+    let layers = cfg.layers_to_transform.as_ref().map(LayerList::to_vec);
+    for m in modules {
+        let last = m.rsplit('.').next().unwrap_or(m);
+        let targeted = match (&cfg.target_modules, &pattern) {
+            (Some(TargetModules::List(l)), _) => {
+                l.iter().any(|t| t == last || m.ends_with(&format!(".{t}")))
+            }
+            (_, Some(re)) => re.is_match(m),
+            _ => true,
+        };
+        let layer = m
+            .split('.')
+            .skip_while(|p| *p != "layers")
+            .nth(1)
+            .and_then(|i| i.parse::<usize>().ok());
+        let in_layers = match (&layers, layer) {
+            (Some(ls), Some(l)) => ls.contains(&l),
+            _ => true,
+        };
+        if !targeted || !in_layers {
+            bail!(
+                Model,
+                "{}: the adapter has LoRA weights for `{m}`, which its config does not target \
+                 (target_modules {:?}, layers_to_transform {:?})",
+                cfg_path.display(),
+                cfg.target_modules,
+                layers
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A loaded adapter whose pieces are handed out to the layers as the model is built.
@@ -90,12 +183,8 @@ pub struct Adapter {
     /// module path → (A, B), removed as layers claim them.
     loras: HashMap<String, (Tensor, Tensor)>,
     score: Option<Tensor>,
-}
-
-/// Whether `module` matches a pattern key the way PEFT's rank/alpha patterns are used: the
-/// key is the whole module path or its dotted suffix.
-fn pattern_matches(key: &str, module: &str) -> bool {
-    module == key || module.ends_with(&format!(".{key}"))
+    rank_pattern: Vec<Pattern<usize>>,
+    alpha_pattern: Vec<Pattern<f64>>,
 }
 
 impl Adapter {
@@ -119,6 +208,13 @@ impl Adapter {
                 "LoRA bias `{}` is not supported (expected none)",
                 config.bias
             ));
+        }
+        if config
+            .alora_invocation_tokens
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return bad("activated LoRA (alora_invocation_tokens) is not supported".into());
         }
         if config.fan_in_fan_out {
             return bad(
@@ -184,21 +280,27 @@ impl Adapter {
         if let Some(m) = b_map.keys().next() {
             bail!(Model, "{}: `{m}` has lora_B but no lora_A", dir.display());
         }
+        check_targets(&cfg_path, &config, loras.keys())?;
+        let rank_pattern =
+            compile_patterns(&cfg_path, "rank_pattern", &config.rank_pattern, |v| {
+                v.as_u64().filter(|&r| r > 0).map(|r| r as usize)
+            })?;
+        let alpha_pattern =
+            compile_patterns(&cfg_path, "alpha_pattern", &config.alpha_pattern, |v| {
+                v.as_f64()
+            })?;
         Ok(Adapter {
             dir: dir.to_path_buf(),
             config,
             loras,
             score,
+            rank_pattern,
+            alpha_pattern,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// Number of modules with LoRA weights not yet claimed by a layer.
-    pub fn unclaimed(&self) -> usize {
-        self.loras.len()
     }
 
     /// Claim the LoRA of `module` (a Hugging Face module path), checking it fits `[out, inp]`.
@@ -207,18 +309,8 @@ impl Adapter {
             return Ok(None);
         };
         let cfg = &self.config;
-        let r = cfg
-            .rank_pattern
-            .iter()
-            .find(|(k, _)| pattern_matches(k, module))
-            .map(|(_, &r)| r)
-            .unwrap_or(cfg.r);
-        let alpha = cfg
-            .alpha_pattern
-            .iter()
-            .find(|(k, _)| pattern_matches(k, module))
-            .map(|(_, &a)| a)
-            .unwrap_or(cfg.lora_alpha);
+        let r = first_match(&self.rank_pattern, module).unwrap_or(cfg.r);
+        let alpha = first_match(&self.alpha_pattern, module).unwrap_or(cfg.lora_alpha);
         if a.shape() != [r, inp] || b.shape() != [out, r] {
             bail!(
                 Model,
@@ -270,5 +362,36 @@ impl Adapter {
             left.len(),
             shown.join(", ")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_like_peft_in_file_order() {
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"self_attn.q_proj": 100, "q_proj": 1, "layers\\.[0-9]\\.mlp\\.up_proj": 7, "k_proj|v_proj": 5, "proj": 3}"#)
+                .unwrap();
+        let p = compile_patterns(
+            Path::new("adapter_config.json"),
+            "alpha_pattern",
+            &map,
+            |v| v.as_f64(),
+        )
+        .unwrap();
+        assert_eq!(
+            first_match(&p, "model.layers.1.self_attn.q_proj"),
+            Some(100.0)
+        );
+        assert_eq!(first_match(&p, "model.layers.3.mlp.up_proj"), Some(7.0));
+        assert_eq!(first_match(&p, "model.layers.13.mlp.up_proj"), None);
+        assert_eq!(
+            first_match(&p, "model.layers.0.self_attn.v_proj"),
+            Some(5.0)
+        );
+        // A key only matches whole dotted components: `proj` is not `o_proj`.
+        assert_eq!(first_match(&p, "model.layers.0.self_attn.o_proj"), None);
     }
 }

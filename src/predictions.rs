@@ -2,24 +2,36 @@
 //! `id,winner_model_a,winner_model_b,winner_tie`, one row per input row, in input order.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use crate::data::csv::LABEL_COLUMNS;
 use crate::error::{Error, Result};
 use crate::io::AtomicFile;
 
-/// Write a submission atomically. Probabilities are printed with 9 decimals, so each row sums
-/// to 1 within 2e-9.
+/// Write a submission atomically (ids quoted by CSV rules where needed). Probabilities are
+/// printed with 9 decimals, so each row sums to 1 within 2e-9.
 pub fn write(path: &Path, ids: &[String], probs: &[[f64; 3]]) -> Result<()> {
     let mut f = AtomicFile::create(path)?;
-    let w = f.writer();
-    let io = |e| Error::io(path, e);
-    writeln!(w, "id,{}", LABEL_COLUMNS.join(",")).map_err(io)?;
-    for (id, p) in ids.iter().zip(probs) {
-        writeln!(w, "{id},{:.9},{:.9},{:.9}", p[0], p[1], p[2]).map_err(io)?;
-    }
+    write_to(&mut f, path, ids, probs)?;
     f.commit()
+}
+
+/// Write the submission rows into an open file.
+pub fn write_to(f: &mut AtomicFile, path: &Path, ids: &[String], probs: &[[f64; 3]]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(f.writer());
+    let err = |e: csv::Error| Error::Msg(format!("{}: {e}", path.display()));
+    w.write_record(std::iter::once("id").chain(LABEL_COLUMNS))
+        .map_err(err)?;
+    for (id, p) in ids.iter().zip(probs) {
+        let cells = [
+            id.clone(),
+            format!("{:.9}", p[0]),
+            format!("{:.9}", p[1]),
+            format!("{:.9}", p[2]),
+        ];
+        w.write_record(&cells).map_err(err)?;
+    }
+    w.flush().map_err(|e| Error::io(path, e))
 }
 
 /// Read a prediction file: ids in file order with their probabilities.

@@ -366,15 +366,6 @@ impl Tensor {
         Ok(self.to_cpu()?.cpu_storage()?.to_f32_vec())
     }
 
-    /// Same storage, new shape with the same element count.
-    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        check_len(shape, self.elem_count())?;
-        Ok(Tensor {
-            storage: self.storage.clone(),
-            shape: shape.to_vec(),
-        })
-    }
-
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());

@@ -164,11 +164,12 @@ impl Checkpoint {
     /// Raw little-endian bytes of a tensor, checked against `shape`.
     pub fn bytes(&self, name: &str, shape: &[usize]) -> Result<(&[u8], DType)> {
         let e = self.entry(name)?;
+        let f = &self.files[e.file];
         if e.shape != shape {
             bail!(
                 Shape,
                 "{}: tensor `{name}` has shape {:?}, the model expects {shape:?}",
-                self.dir.display(),
+                f.path.display(),
                 e.shape
             );
         }
@@ -176,11 +177,10 @@ impl Checkpoint {
             bail!(
                 Model,
                 "{}: tensor `{name}` is stored as {:?}; expected F32, BF16 or F16",
-                self.dir.display(),
+                f.path.display(),
                 e.stored
             );
         };
-        let f = &self.files[e.file];
         let bytes = &f.mmap[f.data_start + e.range.0..f.data_start + e.range.1];
         Ok((bytes, dtype))
     }
@@ -194,13 +194,6 @@ impl Checkpoint {
     /// Load a tensor converted to `dtype`.
     pub fn load_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         self.load(name, shape)?.to_dtype(dtype)
-    }
-
-    /// The file a tensor is stored in (for messages).
-    pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries
-            .get(name)
-            .map(|e| self.files[e.file].path.as_path())
     }
 }
 
@@ -227,9 +220,4 @@ pub fn save_safetensors(
         .collect::<Result<_>>()?;
     let data = safetensors::serialize(views, metadata)?;
     crate::io::write_atomic(path, &data)
-}
-
-/// Little-endian bytes of a tensor's storage.
-pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    Ok(t.cpu_storage()?.as_bytes().to_vec())
 }

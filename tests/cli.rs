@@ -316,3 +316,164 @@ fn adapter_that_does_not_fit_is_rejected() {
     );
     assert!(!out.exists());
 }
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+#[test]
+fn non_finite_probabilities_fail_without_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_model(dir.path(), |m| {
+        edit_json(&m.join("config.json"), |c| {
+            c["rms_norm_eps"] = (-1.0).into()
+        })
+    });
+    let e = infer_fails(&m, &demo_csv(), &dir.path().join("out.csv"));
+    assert!(
+        e.contains("non-finite probabilities") && e.contains("rms_norm_eps"),
+        "{e}"
+    );
+}
+
+#[test]
+fn ids_are_csv_quoted_in_the_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ids.csv");
+    std::fs::write(
+        &data,
+        format!("{HEADER}\"a,b\",[\"q\"],[\"x\"],[\"y\"]\n\"q\"\"x\",[\"q\"],[\"x\"],[\"y\"]\n"),
+    )
+    .unwrap();
+    let out = dir.path().join("out.csv");
+    let model = tiny_model();
+    let o = engine(&infer_args(
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = engine::predictions::read(&out).unwrap();
+    assert_eq!(
+        read.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["a,b", "q\"x"]
+    );
+}
+
+#[test]
+fn tokenizer_truncation_and_padding_settings_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let run = |m: &Path, name: &str| {
+        let out = dir.path().join(name);
+        let o = engine(&infer_args(
+            m.to_str().unwrap(),
+            demo_csv().to_str().unwrap(),
+            out.to_str().unwrap(),
+        ));
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read_to_string(out).unwrap()
+    };
+    let plain = run(&model, "plain.csv");
+    let m = broken_model(dir.path(), |m| {
+        edit_json(&m.join("tokenizer.json"), |t| {
+            t["truncation"] = serde_json::json!({"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0});
+            t["padding"] = serde_json::json!({"strategy": {"Fixed": 600}, "direction": "Right", "pad_to_multiple_of": null,
+                                              "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"});
+        })
+    });
+    assert_eq!(run(&m, "edited.csv"), plain);
+}
+
+#[test]
+fn out_must_be_a_writable_file_and_is_checked_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let o = engine(&infer_args(
+        model.to_str().unwrap(),
+        demo_csv().to_str().unwrap(),
+        dir.path().to_str().unwrap(),
+    ));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no temporary file may be left behind"
+    );
+}
+
+#[test]
+fn init_model_replaces_a_directory_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let o = engine(&[
+        "init-model",
+        "--preset",
+        "tiny",
+        "--out",
+        out.to_str().unwrap(),
+        "--max-shard-mib",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("model.safetensors.index.json").exists());
+    let o = engine(&[
+        "init-model",
+        "--preset",
+        "tiny",
+        "--out",
+        out.to_str().unwrap(),
+        "--seed",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["config.json", "model.safetensors", "tokenizer.json"]
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no staging directory may be left behind"
+    );
+}
+
+#[test]
+fn adapter_weights_outside_its_own_targets_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    copy_dir(&common::fixtures().join("gemma2_adapter"), &adapter);
+    edit_json(&adapter.join("adapter_config.json"), |c| {
+        c["layers_to_transform"] = serde_json::json!([1, 2])
+    });
+    let out = dir.path().join("out.csv");
+    let model = common::fixtures().join("gemma2_bf16_sharded");
+    let o = engine(&[
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        demo_csv().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("model.layers.3.") && e.contains("does not target"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

@@ -150,3 +150,27 @@ fn too_small_max_length_is_a_clear_error() {
     .to_string();
     assert!(e.contains("--max-length 5 is too small"), "{e}");
 }
+
+#[test]
+fn a_tokenizer_that_appends_eos_still_gives_one_bos_and_one_eos() {
+    let path = common::tiny_model().join("tokenizer.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    t["post_processor"]["single"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"SpecialToken": {"id": "<eos>", "type_id": 0}}));
+    t["post_processor"]["special_tokens"]["<eos>"] =
+        serde_json::json!({"id": "<eos>", "ids": [EOS], "tokens": ["<eos>"]});
+    let dir = tempfile::tempdir().unwrap();
+    let edited = dir.path().join("tokenizer.json");
+    std::fs::write(&edited, t.to_string()).unwrap();
+    let enc = Encoder::from_file(&edited, EOS, 1024, TextFormat::Turns, 4096).unwrap();
+    let plain = encoder(TextFormat::Turns, 4096);
+    for r in rows() {
+        let ids = enc.encode(&r).unwrap();
+        assert_eq!(ids, plain.encode(&r).unwrap(), "row {}", r.id);
+        assert_eq!(ids.iter().filter(|&&i| i == BOS).count(), 1);
+        assert_eq!(ids.iter().filter(|&&i| i == EOS).count(), 1);
+    }
+}

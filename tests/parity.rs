@@ -75,8 +75,14 @@ fn probabilities_and_ids_match_transformers() {
         };
         let model = models::load(&dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         let max_length = case["max_length"].as_u64().unwrap() as usize;
-        let enc =
-            engine::infer::encoder_for(&model, &dir, None, TextFormat::Concat, max_length).unwrap();
+        let enc = engine::infer::encoder_for(
+            &models::read_header(&dir).unwrap(),
+            &dir,
+            None,
+            TextFormat::Concat,
+            max_length,
+        )
+        .unwrap();
         let ids = engine::infer::tokenize(&enc, &rows).unwrap();
         let want_ids: Vec<Vec<u32>> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         for (i, (got, want)) in ids.iter().zip(&want_ids).enumerate() {

@@ -25,6 +25,25 @@ impl TokenBatch {
     pub fn tokens(&self) -> usize {
         self.ids.len()
     }
+
+    /// The token each row's classifier reads, as transformers' `*ForSequenceClassification`
+    /// picks it: the last position whose id is not `pad_token_id` (the first position if every
+    /// id is the pad id), or simply the last position when the model has no pad id.
+    pub fn pooled_tokens(&self, pad: Option<u32>) -> Vec<usize> {
+        (0..self.layout.rows())
+            .map(|r| {
+                let range = self.layout.range(r);
+                match pad {
+                    None => range.end - 1,
+                    Some(p) => range
+                        .clone()
+                        .rev()
+                        .find(|&i| self.ids[i] != p)
+                        .unwrap_or(range.start),
+                }
+            })
+            .collect()
+    }
 }
 
 /// Group row indices into batches: rows sorted by length (longest first), a batch closing when
@@ -53,6 +72,15 @@ pub fn plan_batches(lens: &[usize], max_tokens: usize, max_rows: usize) -> Vec<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooling_skips_trailing_pad_ids_like_transformers() {
+        let b = TokenBatch::from_rows(&[&[2, 5, 6, 1], &[2, 7, 1, 1], &[1, 1]]);
+        assert_eq!(b.pooled_tokens(None), vec![3, 7, 9]);
+        assert_eq!(b.pooled_tokens(Some(0)), vec![3, 7, 9]);
+        // pad == EOS (id 1): the token before the trailing EOS run; an all-pad row reads its first.
+        assert_eq!(b.pooled_tokens(Some(1)), vec![2, 5, 8]);
+    }
 
     #[test]
     fn batches_respect_the_budget_and_cover_every_row_once() {

@@ -11,8 +11,11 @@
 //! every piece is tokenised on its own (no special tokens), so the ids of A's text never depend
 //! on B's. The sequence is
 //! `BOS · [H_P p₁ H_A a₁ H_B b₁] · SEP · [H_P p₂ H_A a₂ H_B b₂] · … · EOS`
-//! with headers `H_P = "<prompt>: "`, `H_A = "\n\n<response_a>: "`, `H_B = "\n\n<response_b>: "`
-//! and `SEP = "\n\n"` between turns. A turn's missing entries are empty.
+//! with headers `H_P = "<prompt>:"`, `H_A = "\n\n<response_a>:"`, `H_B = "\n\n<response_b>:"`,
+//! `SEP = "\n\n"` between turns, and each non-empty piece tokenised as `" " + text` (so its
+//! first word merges with its leading space as in running text). A turn's missing entries are
+//! empty. BOS is whatever the tokenizer puts before a text; special tokens a tokenizer appends
+//! after a text are left out, so the sequence ends with exactly one EOS.
 //!
 //! Truncation, when the sequence exceeds `max_length`:
 //! 1. Turns are taken newest first; each one that fits whole is kept.
@@ -39,10 +42,14 @@ use crate::error::{Error, Result};
 /// An older turn is cut to fit only if this many content ids remain for it.
 pub const MIN_PARTIAL_TURN: usize = 32;
 
-const H_PROMPT: &str = "<prompt>: ";
-const H_A: &str = "\n\n<response_a>: ";
-const H_B: &str = "\n\n<response_b>: ";
+const H_PROMPT: &str = "<prompt>:";
+const H_A: &str = "\n\n<response_a>:";
+const H_B: &str = "\n\n<response_b>:";
 const SEP: &str = "\n\n";
+/// `concat`'s headers: the public notebook's strings.
+const C_PROMPT: &str = "<prompt>: ";
+const C_A: &str = "\n\n<response_a>: ";
+const C_B: &str = "\n\n<response_b>: ";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextFormat {
@@ -114,7 +121,7 @@ impl Encoder {
     }
 
     pub fn new(
-        tokenizer: Tokenizer,
+        mut tokenizer: Tokenizer,
         eos: u32,
         vocab_size: usize,
         format: TextFormat,
@@ -139,6 +146,10 @@ impl Encoder {
                 "eos_token_id {eos} is outside the embedding table of {vocab_size} rows"
             );
         }
+        // transformers ignores a tokenizer.json's own truncation and padding settings unless
+        // asked for them; so do we (truncation is the format's job).
+        tokenizer.with_truncation(None).map_err(tok_err)?;
+        tokenizer.with_padding(None);
         let enc = |s: &str, special: bool| -> Result<Vec<u32>> {
             Ok(tokenizer
                 .encode_fast(s, special)
@@ -146,7 +157,15 @@ impl Encoder {
                 .get_ids()
                 .to_vec())
         };
-        let prefix = enc("", true)?;
+        // The special tokens the tokenizer puts before the text (BOS), found by comparing an
+        // encoding with and without them; any it appends after the text (an EOS some
+        // tokenizers add) are left out of `turns`, which ends with exactly one EOS.
+        let bare = enc("x", false)?;
+        let full = enc("x", true)?;
+        let prefix = (0..=full.len().saturating_sub(bare.len()))
+            .find(|&i| full[i..].starts_with(&bare))
+            .map(|i| full[..i].to_vec())
+            .unwrap_or_default();
         let (h_prompt, h_a, h_b, sep) = (
             enc(H_PROMPT, false)?,
             enc(H_A, false)?,
@@ -213,7 +232,7 @@ impl Encoder {
                 .join(" ")
         };
         let text = format!(
-            "{H_PROMPT}{}{H_A}{}{H_B}{}",
+            "{C_PROMPT}{}{C_A}{}{C_B}{}",
             join(&row.prompt),
             join(&row.response_a),
             join(&row.response_b)
@@ -233,8 +252,10 @@ impl Encoder {
             .max(row.response_b.len())
             .max(1);
         let get = |v: &[Option<String>], t: usize| -> Result<Vec<u32>> {
+            // Each piece follows its header after one space, tokenised with the text so the
+            // word boundary merges as in running text.
             match v.get(t).and_then(|s| s.as_deref()) {
-                Some(s) if !s.is_empty() => self.ids(s, false),
+                Some(s) if !s.is_empty() => self.ids(&format!(" {s}"), false),
                 _ => Ok(Vec::new()),
             }
         };

@@ -14,8 +14,9 @@ use crate::data::batch::{TokenBatch, plan_batches};
 use crate::data::csv::{ArenaRow, Labels, read_arena_csv};
 use crate::data::format::{Encoder, TextFormat};
 use crate::error::{Error, Result};
+use crate::io::AtomicFile;
 use crate::metrics;
-use crate::models::{self, LoadOptions, Model};
+use crate::models::{self, LoadOptions, Model, ModelHeader};
 use crate::predictions;
 
 /// Everything `engine infer` needs.
@@ -48,6 +49,8 @@ pub struct InferReport {
     pub log_loss: Option<f64>,
     pub accuracy: Option<f64>,
     pub out: PathBuf,
+    /// Peak device memory of the run (GPU runs only).
+    pub peak_gpu_bytes: Option<usize>,
 }
 
 impl InferReport {
@@ -56,25 +59,31 @@ impl InferReport {
     }
 }
 
-/// Build the encoder for a loaded model.
+/// Build the encoder for a model from its header (config.json), checking the tokenizer
+/// against the embedding table.
 pub fn encoder_for(
-    model: &Model,
+    header: &ModelHeader,
     model_dir: &std::path::Path,
     tokenizer: Option<&std::path::Path>,
     format: TextFormat,
     max_length: usize,
 ) -> Result<Encoder> {
-    let info = model.info();
-    let eos = info.eos_token_id.ok_or_else(|| {
+    let eos = header.eos_token_id.ok_or_else(|| {
         Error::Model(format!(
             "{}: config.json has no eos_token_id",
             model_dir.join("config.json").display()
         ))
     })?;
+    if header.pad_token_id == Some(eos) {
+        eprintln!(
+            "note: pad_token_id equals the EOS id ({eos}): as in transformers, the classifier reads the \
+             last token that is not the pad id, i.e. the one before the appended EOS"
+        );
+    }
     let path = tokenizer
         .map(PathBuf::from)
         .unwrap_or_else(|| model_dir.join("tokenizer.json"));
-    Encoder::from_file(&path, eos, info.vocab_size, format, max_length)
+    Encoder::from_file(&path, eos, header.vocab_size, format, max_length)
 }
 
 /// Tokenise rows in parallel.
@@ -104,6 +113,17 @@ pub fn predict(
         let rows: Vec<&[u32]> = batch_rows_idx.iter().map(|&i| ids[i].as_slice()).collect();
         let batch = TokenBatch::from_rows(&rows);
         let probs = models::probabilities(&model.forward(&batch)?)?;
+        if let Some((&i, _)) = batch_rows_idx
+            .iter()
+            .zip(&probs)
+            .find(|(_, p)| p.iter().any(|v| !v.is_finite()))
+        {
+            return Err(Error::Msg(format!(
+                "row {} (input order): the model produced non-finite probabilities; check the \
+                 checkpoint for inf/NaN weights and config.json for invalid values (rms_norm_eps, rope_theta)",
+                i + 1
+            )));
+        }
         for (&i, p) in batch_rows_idx.iter().zip(probs) {
             out[i] = p;
         }
@@ -125,16 +145,30 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
     for w in data.warnings() {
         eprintln!("warning: {w}");
     }
-    let t0 = Instant::now();
-    let model = models::load(&opts.model, &opts.load)?;
+    // Everything that can fail fast does so before the weights are read.
+    let mut out_file = AtomicFile::create(&opts.out)?;
+    let header = models::read_header(&opts.model)?;
     let encoder = encoder_for(
-        &model,
+        &header,
         &opts.model,
         opts.tokenizer.as_deref(),
         opts.format,
         opts.max_length,
     )?;
+    let t0 = Instant::now();
     let ids = tokenize(&encoder, &data.rows)?;
+    let model = models::load(&opts.model, &opts.load)?;
+    let info = model.info();
+    eprintln!(
+        "model: {} ({} layers, hidden {}, {:.1}M parameters, {:.2} GiB of weights on {}; score head: {})",
+        info.model_type,
+        info.num_layers,
+        info.hidden_size,
+        info.parameters as f64 / 1e6,
+        info.weight_bytes as f64 / (1u64 << 30) as f64,
+        opts.load.device,
+        info.score_source
+    );
     let load_seconds = t0.elapsed().as_secs_f64();
     let tokens: usize = ids.iter().map(Vec::len).sum();
 
@@ -162,9 +196,10 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         b.finish_and_clear();
     }
     let row_ids: Vec<String> = data.rows.iter().map(|r| r.id.clone()).collect();
-    predictions::write(&opts.out, &row_ids, &probs)?;
+    predictions::write_to(&mut out_file, &opts.out, &row_ids, &probs)?;
+    out_file.commit()?;
 
-    let (log_loss, accuracy) = if data.has_labels {
+    let (log_loss, accuracy) = if data.has_labels && !data.rows.is_empty() {
         let labels: Vec<[f64; 3]> = data.rows.iter().filter_map(|r| r.label).collect();
         (
             Some(metrics::log_loss(&labels, &probs)),
@@ -181,5 +216,9 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         log_loss,
         accuracy,
         out: opts.out.clone(),
+        peak_gpu_bytes: match opts.load.device {
+            crate::tensor::Device::Cuda(i) => Some(crate::cuda::device(i)?.peak_bytes()),
+            crate::tensor::Device::Cpu => None,
+        },
     })
 }

@@ -76,6 +76,11 @@ pub struct Config {
     pub initializer_range: f64,
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// The classifier reads the last token that is not this id (transformers' pooling).
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
 }
 
 impl Config {
@@ -106,24 +111,28 @@ impl Config {
                 bail!(Model, "{}: unknown layer type `{bad}`", where_.display());
             }
         }
-        if self.num_hidden_layers == 0 {
+        crate::models::validate_dims(
+            &where_,
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )?;
+        if self.attention_bias {
             bail!(
                 Model,
-                "{}: num_hidden_layers must be at least 1",
+                "{}: attention_bias is not supported",
                 where_.display()
             );
         }
-        if self.num_key_value_heads == 0
-            || !self
-                .num_attention_heads
-                .is_multiple_of(self.num_key_value_heads)
-        {
+        if self.sliding_window == Some(0) {
             bail!(
                 Model,
-                "{}: {} attention heads cannot share {} KV heads",
-                where_.display(),
-                self.num_attention_heads,
-                self.num_key_value_heads
+                "{}: sliding_window must be at least 1 (or null)",
+                where_.display()
             );
         }
         Ok(())
@@ -195,7 +204,7 @@ impl Gemma2 {
 
         let mut w = WeightLoader::new(ck, opts, adapter)?;
         let embed = w.embedding(cfg.vocab_size, h)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("layers.{i}");
             let sliding = cfg.is_sliding(i);
@@ -238,6 +247,7 @@ impl Gemma2 {
             hidden_size: h,
             num_layers: cfg.num_hidden_layers,
             eos_token_id: cfg.eos_token_id.as_ref().and_then(TokenIds::first),
+            pad_token_id: cfg.pad_token_id,
             weight_bytes: w.weight_bytes,
             parameters: w.parameters,
             score_source,
@@ -289,9 +299,9 @@ impl Gemma2 {
                 None => x = add(&x, &rms_norm(&ff, &layer.post_ff_norm)?)?,
             }
         }
-        // Only the last token of each row reaches the head; normalising just those rows is
+        // Only the pooled token of each row reaches the head; normalising just those rows is
         // the same function as normalising all of them (RMSNorm is per row).
-        let last = gather_rows(&x, &layout.last_tokens())?;
+        let last = gather_rows(&x, &batch.pooled_tokens(self.info.pad_token_id))?;
         linear(&rms_norm(&last, &self.norm)?, &self.score)
     }
 }

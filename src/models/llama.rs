@@ -59,6 +59,9 @@ pub struct Config {
     pub initializer_range: f64,
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
+    /// The classifier reads the last token that is not this id (transformers' pooling).
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
 }
 
 impl Config {
@@ -80,22 +83,23 @@ impl Config {
                 where_.display()
             );
         }
-        if self.num_hidden_layers == 0 || self.num_attention_heads == 0 {
+        if self.num_attention_heads == 0 {
             bail!(
                 Model,
-                "{}: num_hidden_layers and num_attention_heads must be at least 1",
+                "{}: num_attention_heads must be at least 1",
                 where_.display()
             );
         }
-        let nkv = self.kv_heads();
-        if nkv == 0 || !self.num_attention_heads.is_multiple_of(nkv) {
-            bail!(
-                Model,
-                "{}: {} attention heads cannot share {nkv} KV heads",
-                where_.display(),
-                self.num_attention_heads
-            );
-        }
+        crate::models::validate_dims(
+            &where_,
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.kv_heads(),
+            self.head_dim(),
+        )?;
         Ok(())
     }
 }
@@ -161,7 +165,7 @@ impl Llama {
 
         let mut w = WeightLoader::new(ck, opts, adapter)?;
         let embed = w.embedding(cfg.vocab_size, h)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("layers.{i}");
             let attn = Attention {
@@ -197,6 +201,7 @@ impl Llama {
             hidden_size: h,
             num_layers: cfg.num_hidden_layers,
             eos_token_id: cfg.eos_token_id.as_ref().and_then(TokenIds::first),
+            pad_token_id: cfg.pad_token_id,
             weight_bytes: w.weight_bytes,
             parameters: w.parameters,
             score_source,
@@ -238,7 +243,7 @@ impl Llama {
                 None => x = add(&x, &ff)?,
             }
         }
-        let last = gather_rows(&x, &layout.last_tokens())?;
+        let last = gather_rows(&x, &batch.pooled_tokens(self.info.pad_token_id))?;
         linear(&rms_norm(&last, &self.norm)?, &self.score)
     }
 }

@@ -72,6 +72,8 @@ pub struct ModelInfo {
     pub num_layers: usize,
     /// The id appended after the text (the first one if config.json lists several).
     pub eos_token_id: Option<u32>,
+    /// The classifier pools at the last token whose id differs from this one.
+    pub pad_token_id: Option<u32>,
     /// Bytes held by weights (after quantisation).
     pub weight_bytes: usize,
     /// Parameters of the base model (embedding and score head included).
@@ -120,6 +122,37 @@ pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(
         .map_err(|e| Error::Model(format!("{}: {e}", dir.join("config.json").display())))
 }
 
+/// What the data path needs to know about a model before its weights are read (so a bad
+/// tokenizer or --max-length fails in a second, not after loading gigabytes).
+#[derive(Clone, Debug)]
+pub struct ModelHeader {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+/// Read the header fields from `dir/config.json`.
+pub fn read_header(dir: &Path) -> Result<ModelHeader> {
+    #[derive(Deserialize)]
+    struct Raw {
+        #[serde(default)]
+        model_type: String,
+        vocab_size: usize,
+        #[serde(default)]
+        eos_token_id: Option<TokenIds>,
+        #[serde(default)]
+        pad_token_id: Option<u32>,
+    }
+    let raw: Raw = parse_config(dir, &read_config(dir)?)?;
+    Ok(ModelHeader {
+        model_type: raw.model_type,
+        vocab_size: raw.vocab_size,
+        eos_token_id: raw.eos_token_id.as_ref().and_then(TokenIds::first),
+        pad_token_id: raw.pad_token_id,
+    })
+}
+
 /// Load the model in `dir` (`model_type` gemma2 or llama) as a classifier.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     let config = read_config(dir)?;
@@ -162,6 +195,55 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         a.check_all_used()?;
     }
     Ok(model)
+}
+
+/// Check a backbone's dimensions before anything is allocated: every size at least 1, query
+/// heads a multiple of KV heads, and every weight's element count far from overflowing.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn validate_dims(
+    config: &Path,
+    vocab: usize,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let named = [
+        ("vocab_size", vocab),
+        ("hidden_size", hidden),
+        ("intermediate_size", intermediate),
+        ("num_hidden_layers", layers),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", kv_heads),
+        ("head_dim", head_dim),
+    ];
+    for (name, v) in named {
+        if v == 0 || v > 1 << 24 {
+            bail!(Model, "{}: {name} = {v} is out of range", config.display());
+        }
+    }
+    if !heads.is_multiple_of(kv_heads) {
+        bail!(
+            Model,
+            "{}: {heads} attention heads cannot share {kv_heads} KV heads",
+            config.display()
+        );
+    }
+    let biggest = [
+        vocab * hidden,
+        intermediate * hidden,
+        heads * head_dim * hidden,
+    ];
+    if biggest.iter().any(|&n| n > 1 << 36) || layers > 4096 {
+        bail!(
+            Model,
+            "{}: the dimensions describe a model too large to be real",
+            config.display()
+        );
+    }
+    Ok(())
 }
 
 /// `eos_token_id` as config.json writes it: one id or a list (the first one is used).

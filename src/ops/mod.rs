@@ -58,11 +58,6 @@ impl SeqLayout {
         self.offsets[i + 1] - self.offsets[i]
     }
 
-    /// Index of the last token of every row (where the classifier reads).
-    pub fn last_tokens(&self) -> Vec<usize> {
-        self.offsets[1..].iter().map(|&o| o - 1).collect()
-    }
-
     /// Position of every token within its row (0, 1, 2, … restarting at each row).
     pub fn positions(&self) -> Vec<u32> {
         let mut p = Vec::with_capacity(self.total_tokens());

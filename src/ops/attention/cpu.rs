@@ -34,7 +34,7 @@ pub(super) fn attention(
             let (start, len) = (range.start, range.len());
             let kvh = h / group;
             let mut out = vec![0f32; len * d];
-            let mut s = vec![0f32; Q_BLOCK * (Q_BLOCK + p.window.unwrap_or(len))];
+            let mut s = vec![0f32; Q_BLOCK * (Q_BLOCK + p.window.map_or(len, |w| w.min(len)))];
             let mut i0 = 0;
             while i0 < len {
                 let i1 = (i0 + Q_BLOCK).min(len);

@@ -9,6 +9,7 @@
 mod cpu;
 mod cuda;
 
+
 use std::sync::Arc;
 
 use crate::bail;
