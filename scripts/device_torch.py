@@ -45,9 +45,11 @@ def bench(fn, reps=20, warmup=5):
     return times[len(times) // 2]
 
 
-def projections(h, nh, nkv, d, inter):
-    return {"q": (nh * d, h), "k": (nkv * d, h), "v": (nkv * d, h), "o": (h, nh * d),
-            "gate": (inter, h), "up": (inter, h), "down": (h, inter)}
+def projections(model):
+    """The distinct projection shapes (n, k), named as in benches/cuda_linear.rs."""
+    if model == "gemma2_9b":
+        return {"q": (4096, 3584), "kv": (2048, 3584), "o": (3584, 4096), "gate_up": (14336, 3584), "down": (3584, 14336)}
+    return {"q_o": (4096, 4096), "kv": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)}
 
 
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -104,7 +106,7 @@ def main():
     del x, buf, dst
 
     for model, (h, nh, nkv, d, inter, cap, window) in MODELS.items():
-        projs = projections(h, nh, nkv, d, inter)
+        projs = projections(model)
         weights = {p: torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) * 0.02 for p, (n, k) in projs.items()}
         deqs = {p: nf4_dequant_fn(w) for p, w in weights.items()}
         for t in TOKENS:

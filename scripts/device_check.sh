@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The device check: every GPU path on a real GPU, in one go.
+#
+#   scripts/device_check.sh build        # here (no GPU needed): build the engine, the GPU test
+#                                        # binaries and the CUDA benches into target/device/
+#                                        # (stripped, small enough to carry)
+#   scripts/device_check.sh run [OUT]    # on the GPU machine (no network; nvcc, torch,
+#                                        # transformers there): GPU tests, benches, the torch
+#                                        # peers, then one table of ratios (scripts/device_report.py)
+#
+# `run` stages (each logs to OUT/<stage>.log; a failing stage does not stop the others):
+#   tests    — every gpu_* test binary (kernels vs CPU twins, whole models GPU vs CPU)
+#   benches  — criterion: cuda_ops, cuda_linear, cuda_attention (CRITERION_HOME=OUT/criterion)
+#   torch    — scripts/device_torch.py: cuBLAS/bitsandbytes/SDPA/FlexAttention/eager peers
+#   full     — only with FULL=1: random full-size Gemma-2-9B / Llama-3.1-8B inference, engine vs
+#              transformers (needs ~40 GB of disk and several minutes)
+# Environment: STAGES="tests benches torch" to choose stages; SKIP_FLEX=1 to skip FlexAttention
+# (its compile takes ~30 s).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-build}
+dev_dir=target/device
+
+build() {
+  set -e
+  scripts/install-cuda-toolchain.sh >/dev/null
+  # The device is an H200 (sm_90): building only that target keeps the carry small.
+  export ENGINE_REQUIRE_CUDA=1 ENGINE_CUDA_ARCHS=${ENGINE_CUDA_ARCHS:-90}
+  rm -rf "$dev_dir" && mkdir -p "$dev_dir"
+  cargo build --release --bin engine
+  cp target/release/engine "$dev_dir/engine"
+  local tests benches
+  tests=$(cargo test --release --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("gpu_"):
+        print(m["target"]["name"], m["executable"])')
+  benches=$(cargo bench --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
+        print(m["target"]["name"], m["executable"])')
+  while read -r name exe; do [ -n "$name" ] && cp "$exe" "$dev_dir/test-$name"; done <<<"$tests"
+  while read -r name exe; do [ -n "$name" ] && cp "$exe" "$dev_dir/bench-$name"; done <<<"$benches"
+  strip "$dev_dir"/*
+  cp target/release/build/engine-*/out/*.ptxas.log "$dev_dir/" 2>/dev/null || true
+  ls -la "$dev_dir"
+  du -sh "$dev_dir"
+}
+
+run() {
+  local out=${1:-${OUT:-/tmp/device-check}}
+  mkdir -p "$out"
+  local stages=${STAGES:-tests benches torch}
+  [ "${FULL:-0}" = 1 ] && stages="$stages full"
+  # The test binaries find the engine binary and the fixtures where cargo built them.
+  mkdir -p target/release && cp "$dev_dir/engine" target/release/engine
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+  git rev-parse HEAD 2>/dev/null | tee "$out/commit.txt"
+  for stage in $stages; do
+    echo "=== $stage ($(date +%T))"
+    case $stage in
+      tests)
+        for t in "$dev_dir"/test-*; do
+          echo "--- $t"
+          "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$out/tests.log" | grep -E "^test |test result|SKIPPED|panicked|max\|" 
+        done ;;
+      benches)
+        for b in "$dev_dir"/bench-*; do
+          echo "--- $b"
+          CRITERION_HOME="$out/criterion" "$b" --bench --noplot 2>&1 | tee -a "$out/benches.log" | grep -E "^[a-z_]+/|time:|thrpt:|SKIPPED"
+        done ;;
+      torch)
+        PYTHONUNBUFFERED=1 python3 scripts/device_torch.py --out "$out/torch.jsonl" ${SKIP_FLEX:+--skip-flex} \
+          > "$out/torch.log" 2>&1 || echo "torch stage failed: see torch.log"; tail -3 "$out/torch.log" ;;
+      full)
+        scripts/device_full.sh "$out" 2>&1 | tee "$out/full.log" ;;
+    esac
+  done
+  python3 scripts/device_report.py "$out" | tee "$out/report.md"
+}
+
+case $mode in
+  build) build ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: $0 build | run [OUT]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,112 @@
+"""One table of the device check: our kernels (criterion estimates) against the torch peers
+(scripts/device_torch.py) on the same shapes and GPU, plus the GPU test summary.
+
+    python3 scripts/device_report.py OUT_DIR
+
+Ratios are time(ours) / time(peer): below 1 means we are faster. Bandwidth-bound ops are also
+given as a fraction of the copy bandwidth measured in the same run, matmul and attention as a
+fraction of the measured bf16 matmul rate.
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+
+def ours(out):
+    """criterion full_id -> (mean seconds, throughput dict)."""
+    res = {}
+    for bj in glob.glob(os.path.join(out, "criterion", "**", "new", "benchmark.json"), recursive=True):
+        est = os.path.join(os.path.dirname(bj), "estimates.json")
+        if not os.path.exists(est):
+            continue
+        b = json.load(open(bj))
+        e = json.load(open(est))
+        res[b["full_id"]] = (e["mean"]["point_estimate"] * 1e-9, b.get("throughput"))
+    return res
+
+
+def torch_rows(out):
+    path = os.path.join(out, "torch.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def main():
+    out = sys.argv[1]
+    mine = ours(out)
+    peers = torch_rows(out)
+    ceil = {r["variant"]: r for r in peers if r["op"] == "ceiling" and r.get("ms")}
+    flops_ceiling = ceil.get("bf16_matmul_8192")
+    copy_ceiling = ceil.get("copy_1GiB")
+    tf_peak = flops_ceiling["flops"] / (flops_ceiling["ms"] * 1e-3) if flops_ceiling else None
+    bw_peak = copy_ceiling["bytes"] / (copy_ceiling["ms"] * 1e-3) if copy_ceiling else None
+
+    def peer(op, model, t, variant):
+        for r in peers:
+            if r["op"] == op and r["model"] == model and r["tokens"] == t and r["variant"] == variant and r.get("ms"):
+                return r["ms"] * 1e-3
+        return None
+
+    lines = ["# Device check report", ""]
+    if tf_peak:
+        lines.append(f"Measured ceilings: bf16 matmul {tf_peak / 1e12:.0f} TFLOP/s, copy {bw_peak / 1e12:.2f} TB/s" if bw_peak else "")
+    tests = os.path.join(out, "tests.log")
+    if os.path.exists(tests):
+        text = open(tests).read()
+        passed = sum(int(m) for m in re.findall(r"test result: \w+\. (\d+) passed", text))
+        failed = sum(int(m) for m in re.findall(r"(\d+) failed", text))
+        skipped = text.count("SKIPPED")
+        fails = re.findall(r"^test (\S+) \.\.\. FAILED", text, re.M)
+        lines.append(f"GPU tests: {passed} passed, {failed} failed, {skipped} skipped" + (f" — failed: {', '.join(fails)}" if fails else ""))
+    lines += ["", "| op | model | tokens | ours | peer | ours/peer | ours vs ceiling |", "|---|---|---|---|---|---|---|"]
+
+    for fid, (sec, thr) in sorted(mine.items()):
+        parts = fid.split("/")
+        group = parts[0]
+        row = None
+        if group == "cuda_linear" and len(parts) == 5:
+            _, model, proj, t, kind = parts
+            t = int(t)
+            flops = thr.get("Elements") if thr else None
+            frac = f"{flops / sec / tf_peak:.0%} of bf16 peak" if flops and tf_peak else ""
+            for variant in ([f"{proj}/cublas_bf16"] + [f"{proj}/dequant_then_matmul_bitsandbytes", f"{proj}/dequant_then_matmul_torch"]):
+                p = peer("matmul", model, t, variant)
+                if p:
+                    lines.append(f"| matmul {proj} {kind} | {model} | {t} | {sec * 1e3:.3f} ms | {variant.split('/')[1]} {p * 1e3:.3f} ms | {sec / p:.2f} | {frac} |")
+                    row = True
+        elif group == "cuda_attention" and len(parts) == 4:
+            _, model, mask, t = parts
+            t = int(t)
+            flops = thr.get("Elements") if thr else None
+            frac = f"{flops / sec / 1e12:.0f} TFLOP/s ({flops / sec / tf_peak:.0%})" if flops and tf_peak else ""
+            for variant in (f"{mask}/sdpa_nosoftcap", f"{mask}/flex_softcap"):
+                p = peer("attention", model, t, variant)
+                if p:
+                    lines.append(f"| attention {mask} | {model} | {t} | {sec * 1e3:.3f} ms | {variant.split('/')[1]} {p * 1e3:.3f} ms | {sec / p:.2f} | {frac} |")
+                    row = True
+        elif group == "cuda_rowwise" and len(parts) == 4:
+            _, op, model, t = parts
+            t = int(t)
+            nbytes = thr.get("Bytes") if thr else None
+            frac = f"{nbytes / sec / bw_peak:.0%} of copy" if nbytes and bw_peak else ""
+            variant = "torch_eager"
+            opname = {"norm_add_norm": "rms_norm"}.get(op, op)
+            p = peer(opname, model, t, variant) if op != "norm_add_norm" else None
+            lines.append(f"| {op} | {model} | {t} | {sec * 1e3:.3f} ms | {f'eager {p * 1e3:.3f} ms' if p else '-'} | {f'{sec / p:.2f}' if p else '-'} | {frac} |")
+            row = True
+        if not row:
+            lines.append(f"| {fid} | | | {sec * 1e3:.3f} ms | - | - | |")
+    full = os.path.join(out, "full.jsonl")
+    if os.path.exists(full):
+        lines += ["", "| full-size inference | impl | tokens/s | peak GiB |", "|---|---|---|---|"]
+        for line in open(full):
+            r = json.loads(line)
+            lines.append(f"| {r['model']} | {r['impl']} | {r.get('tokens_per_s') or '-'} | {r.get('peak_gib') or '-'} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
