@@ -50,9 +50,16 @@ pub fn availability() -> std::result::Result<usize, String> {
     if kernels::MODULES.is_empty() {
         return Err("this binary was built without CUDA kernels (no nvcc at build time)".into());
     }
-    // cudarc panics if the driver library cannot be loaded; turn that into a reason.
+    // Probe for the driver library first: cudarc panics (and prints) when it cannot load it.
+    let found = ["libcuda.so.1", "libcuda.so"].iter().any(|name| {
+        // SAFETY: loading the system CUDA driver runs only its library initialisers.
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    });
+    if !found {
+        return Err("no CUDA driver library (libcuda.so) on this machine".into());
+    }
     let count = std::panic::catch_unwind(CudaContext::device_count)
-        .map_err(|_| "no CUDA driver library (libcuda.so) on this machine".to_string())?
+        .map_err(|_| "the CUDA driver library could not be loaded".to_string())?
         .map_err(|e| format!("the CUDA driver reports {e:?}"))?;
     if count <= 0 {
         return Err("the CUDA driver sees no GPU".into());

@@ -500,11 +500,11 @@ impl<'a> WeightLoader<'a> {
 
     fn score_weight(&mut self, hidden: usize, initializer_range: f64) -> Result<(Tensor, String)> {
         let shape = [NUM_LABELS, hidden];
-        if let Some(a) = self.adapter.as_deref_mut() {
-            if let Some(t) = a.take_score(hidden)? {
-                self.parameters += t.elem_count();
-                return Ok((t, format!("adapter {}", a.dir().display())));
-            }
+        if let Some(a) = self.adapter.as_deref_mut()
+            && let Some(t) = a.take_score(hidden)?
+        {
+            self.parameters += t.elem_count();
+            return Ok((t, format!("adapter {}", a.dir().display())));
         }
         if let Ok(e) = self.ck.entry("score.weight") {
             if e.shape.len() == 2 && e.shape[1] == hidden && e.shape[0] != NUM_LABELS {

@@ -88,7 +88,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     let mut max_err = 0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        if !(err <= atol + rtol * w.abs()) {
+        // Written so that a NaN error fails too.
+        let within = err <= atol + rtol * w.abs();
+        if !within {
             bad.push((i, g, w));
         }
         if err.is_finite() {

@@ -9,6 +9,7 @@
 mod cpu;
 mod cuda;
 
+pub use cuda::{dequantize_nf4, quantize_nf4};
 
 use std::sync::Arc;
 
