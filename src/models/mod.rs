@@ -461,16 +461,16 @@ impl<'a> WeightLoader<'a> {
         let w = match (self.opts.quant, self.opts.device) {
             (Quant::None, Device::Cpu) => BaseWeight::Dense(t),
             (Quant::None, dev) => BaseWeight::Dense(t.to_dtype(self.dtype)?.to_device(dev)?),
-            (Quant::Nf4 { double_quant }, dev) => {
-                let q = Nf4Tensor::quantize(t.cpu_storage()?, &[out, inp], double_quant)
-                    .map_err(|e| e.context(format!("quantising `{name}`")))?;
-                match dev {
-                    Device::Cpu => BaseWeight::Nf4(q),
-                    Device::Cuda(i) => BaseWeight::Nf4Cuda(std::sync::Arc::new(
-                        q.to_device(&crate::cuda::device(i)?)?,
-                    )),
-                }
-            }
+            (Quant::Nf4 { double_quant }, Device::Cpu) => BaseWeight::Nf4(
+                Nf4Tensor::quantize(t.cpu_storage()?, &[out, inp], double_quant)
+                    .map_err(|e| e.context(format!("quantising `{name}`")))?,
+            ),
+            // On a GPU the checkpoint tensor is uploaded in its stored dtype and quantised
+            // there (bit-identical to the CPU quantiser), one tensor at a time.
+            (Quant::Nf4 { double_quant }, dev) => BaseWeight::Nf4Cuda(std::sync::Arc::new(
+                crate::ops::linear::quantize_nf4(&t.to_device(dev)?, double_quant)
+                    .map_err(|e| e.context(format!("quantising `{name}` on {dev}")))?,
+            )),
         };
         self.weight_bytes += w.nbytes();
         self.parameters += out * inp;
