@@ -34,8 +34,12 @@ build() {
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("gpu_"):
-        print(m["target"]["name"], m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        t = m["target"]
+        if t["name"].startswith("gpu_"):
+            print(t["name"], m["executable"])
+        elif "lib" in t["kind"]:
+            print("lib", m["executable"])  # unit tests, incl. every attention kernel variant')
   benches=$(cargo bench --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys
 for l in sys.stdin:
@@ -47,7 +51,9 @@ for l in sys.stdin:
   strip "$dev_dir"/*
   cp target/release/build/engine-*/out/*.ptxas.log "$dev_dir/" 2>/dev/null || true
   ls -la "$dev_dir"
-  du -sh "$dev_dir"
+  # Compressed for the trip (the device tool carries at most 64 MiB with the working tree).
+  tar -C target -cJf target/device.tar.xz device
+  du -sh "$dev_dir" target/device.tar.xz
 }
 
 run() {
@@ -55,8 +61,11 @@ run() {
   mkdir -p "$out"
   local stages=${STAGES:-tests benches torch}
   [ "${FULL:-0}" = 1 ] && stages="$stages full"
+  [ -d "$dev_dir" ] || tar -C target -xJf target/device.tar.xz
   # The test binaries find the engine binary and the fixtures where cargo built them.
   mkdir -p target/release && cp "$dev_dir/engine" target/release/engine
+  # bitsandbytes for the torch peers, if it was carried (scripts/gen_fixtures.py's trimmed copy).
+  [ -d target/fixture-carry ] && export PYTHONPATH="$PWD/target/fixture-carry${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
   git rev-parse HEAD 2>/dev/null | tee "$out/commit.txt"
   for stage in $stages; do
@@ -65,15 +74,17 @@ run() {
       tests)
         for t in "$dev_dir"/test-*; do
           echo "--- $t"
-          "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$out/tests.log" | grep -E "^test |test result|SKIPPED|panicked|max\|" 
+          timeout "${TEST_TIMEOUT:-150}" "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$out/tests.log" \
+            | grep -E "^test |test result|SKIPPED|panicked|max\||out of tolerance|error" | cut -c1-400
         done ;;
       benches)
         for b in "$dev_dir"/bench-*; do
           echo "--- $b"
-          CRITERION_HOME="$out/criterion" "$b" --bench --noplot 2>&1 | tee -a "$out/benches.log" | grep -E "^[a-z_]+/|time:|thrpt:|SKIPPED"
+          CRITERION_HOME="$out/criterion" timeout "${BENCH_TIMEOUT:-150}" "$b" --bench --noplot 2>&1 \
+            | tee -a "$out/benches.log" | grep -E "^[a-z_]+/|time:|thrpt:|SKIPPED|panicked"
         done ;;
       torch)
-        PYTHONUNBUFFERED=1 python3 scripts/device_torch.py --out "$out/torch.jsonl" ${SKIP_FLEX:+--skip-flex} \
+        PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT:-240}" python3 scripts/device_torch.py --out "$out/torch.jsonl" ${SKIP_FLEX:+--skip-flex} \
           > "$out/torch.log" 2>&1 || echo "torch stage failed: see torch.log"; tail -3 "$out/torch.log" ;;
       full)
         scripts/device_full.sh "$out" 2>&1 | tee "$out/full.log" ;;
