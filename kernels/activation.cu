@@ -1,5 +1,6 @@
 // Gated activations of the feed-forward blocks: y = act(gate) * up, act = tanh-GELU (0) or
-// SiLU (1), computed in f32 and rounded once to T.
+// SiLU (1), computed in f32. As in transformers (act(gate) is a tensor of T before the
+// product), act(gate) is rounded to T, then the product is rounded to T.
 #include "common.cuh"
 
 template <typename T>
@@ -12,12 +13,12 @@ __device__ void gated_body(T* __restrict__ y, const T* __restrict__ gate, const 
         load_pack(gate + i * P, g);
         load_pack(up + i * P, u);
 #pragma unroll
-        for (int j = 0; j < P; j++) g[j] = (act == 0 ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
+        for (int j = 0; j < P; j++) g[j] = round_to<T>(act == 0 ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
         store_pack(y + i * P, g);
     }
     for (long long i = packs * P + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
         const float g = to_f32(gate[i]);
-        y[i] = from_f32<T>((act == 0 ? gelu_tanh(g) : silu(g)) * to_f32(up[i]));
+        y[i] = from_f32<T>(round_to<T>(act == 0 ? gelu_tanh(g) : silu(g)) * to_f32(up[i]));
     }
 }
 

@@ -15,7 +15,9 @@
 #   full     — only with FULL=1: random full-size Gemma-2-9B / Llama-3.1-8B inference, engine vs
 #              transformers (needs ~40 GB of disk and several minutes)
 # Environment: STAGES="tests benches torch" to choose stages; SKIP_FLEX=1 to skip FlexAttention
-# (its compile takes ~30 s).
+# (its compile takes ~30 s); TEST_TIMEOUT / BENCH_TIMEOUT / TORCH_TIMEOUT bound each binary.
+# With a short lease, run `STAGES=tests` first (the kernels' correctness), then
+# `STAGES="benches torch"` while the machine is still warm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-build}
@@ -57,8 +59,16 @@ for l in sys.stdin:
 }
 
 run() {
-  local out=${1:-${OUT:-/tmp/device-check}}
-  mkdir -p "$out"
+  # Results: everything goes to a work folder; OUT receives report.md, tests.log and one
+  # archive of the rest (the device tool returns few files, two folders deep at most).
+  local ret=${1:-${OUT:-/tmp/device-check-out}}
+  local out=/tmp/device-check
+  rm -rf "$out" && mkdir -p "$out" "$ret"
+  # The test binaries carry the absolute paths of the checkout they were built in (fixtures,
+  # the engine binary); make that path resolve here.
+  if [ "$(pwd -P)" != /work/main ] && [ ! -e /work/main ]; then
+    mkdir -p /work && ln -s "$PWD" /work/main
+  fi
   local stages=${STAGES:-tests benches torch}
   [ "${FULL:-0}" = 1 ] && stages="$stages full"
   [ -d "$dev_dir" ] || tar -C target -xJf target/device.tar.xz
@@ -91,6 +101,8 @@ run() {
     esac
   done
   python3 scripts/device_report.py "$out" | tee "$out/report.md"
+  cp "$out/report.md" "$out/tests.log" "$ret/" 2>/dev/null
+  tar -C "$(dirname "$out")" -czf "$ret/device-check.tgz" "$(basename "$out")"
 }
 
 case $mode in

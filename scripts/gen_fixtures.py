@@ -3,6 +3,8 @@
 
     python scripts/gen_fixtures.py                   # regenerate everything below
     python scripts/gen_fixtures.py --check-nf4-cuda  # compare nf4.safetensors with bitsandbytes on CUDA
+    python scripts/gen_fixtures.py --check-engine-adapter ADAPTER_DIR --model MODEL_DIR [--quant nf4]
+                                   [--ids-json FILE]  # PEFT loads an engine-written adapter: probs per row
 
 Everything is deterministic (fixed seeds, single-threaded torch and tokenizers) and the script
 is idempotent: a second run rewrites byte-identical files on the same machine.  Versions are in
@@ -32,6 +34,15 @@ tests/fixtures/
                            probabilities of the Hugging Face reference (eager attention, f32).
     nf4.safetensors        bitsandbytes NF4 ground truth (packed nibbles, absmax, dequant, and
                            the double-quantised statistics) for several shapes and dtypes.
+    train_parity.json      Training parity (section 8): for gemma2_lora (gemma2_f32, LoRA on all 7
+                           projections, 3 AdamW steps, linear warmup, clipping active) and
+                           llama_qlora (llama_f32 with NF4 projections, rsLoRA q/v, 2 steps,
+                           cosine, label smoothing): the rows (ids + label triples, 2 soft), the
+                           hyperparameters, per step lr / loss / micro-batch losses / pre-clip
+                           gradient norm, the per-tensor update norms, the final probabilities,
+                           and for gemma2_lora the first micro-batch's loss and gradient.
+    train_gemma2_init/, train_llama_init/     the fixed initial PEFT adapters (B not zero),
+    train_gemma2_final/, train_llama_final/   the adapters after training, by PEFT save_pretrained.
 
 All tiny models are randomly initialised with large weights (std 0.2, random RMSNorm weights)
 so that every feature the engine must reproduce visibly changes the output: attention logit
@@ -862,10 +873,32 @@ def load_seq_cls(model_dir, seed=0):
         model_dir, num_labels=3, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def save_peft_adapter(model, name, base_name):
+    """PEFT's own save_pretrained into tests/fixtures/<name>/, then: drop PEFT's README.md, sort
+    the list-valued config entries, make base_model_name_or_path the fixture's dir name.
+    Returns (sorted keys, {key: (dtype, shape)}, adapter_config)."""
+    from safetensors import safe_open
+
+    out = FIX / name
+    _fresh_dir(out)
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template, not ours
+    acfg = json.loads((out / "adapter_config.json").read_text())
+    for k in ("target_modules", "modules_to_save"):
+        if isinstance(acfg.get(k), list):
+            acfg[k] = sorted(acfg[k])
+    acfg["base_model_name_or_path"] = base_name  # PEFT wrote an absolute local path
+    (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = sorted(f.keys())
+        shapes = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in keys}
+    assert "base_model.model.score.weight" in keys, keys
+    return keys, shapes, acfg
+
+
 def gen_adapter(name):
     torch = _torch()
     from peft import LoraConfig, TaskType, get_peft_model
-    from safetensors import safe_open
 
     spec = ADAPTERS[name]
     base = load_seq_cls(FIX / spec["base"], seed=spec["seed"])
@@ -886,20 +919,7 @@ def gen_adapter(name):
                 n_lora += 1
             elif "modules_to_save" in pname and "score" in pname:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    out = FIX / name
-    _fresh_dir(out)
-    model.save_pretrained(out)
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template, not ours
-    acfg = json.loads((out / "adapter_config.json").read_text())
-    for k in ("target_modules", "modules_to_save"):
-        if isinstance(acfg.get(k), list):
-            acfg[k] = sorted(acfg[k])
-    acfg["base_model_name_or_path"] = spec["base"]  # PEFT wrote an absolute local path
-    (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
-    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
-        keys = sorted(f.keys())
-        shapes = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in keys}
-    assert "base_model.model.score.weight" in keys, keys
+    keys, shapes, acfg = save_peft_adapter(model, name, spec["base"])
     assert n_lora == len([k for k in keys if "lora_" in k]), (n_lora, keys)
     print(f"[adapter] {name}: {len(keys)} tensors, e.g.")
     for k in keys[:2] + [k for k in keys if "score" in k]:
@@ -1541,6 +1561,473 @@ def check_nf4_cuda(path=None, device="cuda"):
 
 
 # ----------------------------------------------------------------------------------------------
+# 8. Training parity (tests/fixtures/train_parity.json, train_{gemma2,llama}_{init,final}/)
+# ----------------------------------------------------------------------------------------------
+# A few AdamW steps from a fixed PEFT adapter, written out as the plain torch loop that the
+# Hugging Face Trainer runs for these settings (read from transformers 5.24 trainer.py and
+# optimization.py, torch 2.15 optim/adam.py and nn/utils/clip_grad.py):
+#
+#   for every optimiser step (no shuffling: micro-batches are consecutive rows):
+#       lr_used = optimizer.param_groups[0]["lr"]          # what this step runs at
+#       for each of grad_accum micro-batches of batch_size rows:
+#           logits = model(input_ids, attention_mask).logits    # right-padded with pad id 0;
+#                   # transformers' SeqCls head reads the last non-pad token of each row
+#           loss = cross_entropy(logits, target_probs, label_smoothing=ls)   # mean over rows
+#           (loss / grad_accum).backward()      # Trainer.training_step: the model computes no
+#                   # loss itself, so the loss is divided by the accumulation steps
+#       grad_norm = clip_grad_norm_(trainable, max_grad_norm)   # returns the PRE-clip norm;
+#                   # grads *= min(max_grad_norm / (grad_norm + 1e-6), 1)
+#       optimizer.step(); scheduler.step(); optimizer.zero_grad()
+#
+# Schedules (LambdaLR: lr = base_lr * f(k), k = number of scheduler.step() calls so far, so the
+# optimiser step s = 1, 2, ... runs at f(s-1)):
+#   linear:  f(k) = k / max(1, W)                                        if k < W
+#            f(k) = max(0, (N - k) / max(1, N - W))                      otherwise
+#   cosine:  f(k) = k / max(1, W)                                        if k < W
+#            f(k) = max(0, 0.5 * (1 + cos(pi * 2 * 0.5 * (k - W) / max(1, N - W))))
+#   (W = warmup_steps, N = number of optimiser steps; with W = 1 the first step runs at lr 0.)
+#
+# torch.optim.AdamW with foreach=None, fused=None on CPU tensors runs _single_tensor_adam (the
+# foreach/fused defaults pick foreach only for cuda/xpu/mtia tensors).  Per tensor, in order:
+#   step += 1
+#   p *= 1 - lr * wd                                    (decoupled decay, before the moments)
+#   m.lerp_(g, 1 - beta1)                               (m + (1-beta1) (g - m))
+#   v = v * beta2 + (1 - beta2) * g * g                 (mul_ then addcmul_)
+#   bc1 = 1 - beta1**step, bc2 = 1 - beta2**step        (Python floats)
+#   denom = sqrt(v) / sqrt(bc2) + eps
+#   p += -(lr / bc1) * m / denom                        (addcdiv_ with value = -step_size)
+# The Trainer's own default optimiser in transformers 5.24 is "adamw_torch_fused" (the same
+# AdamW with fused=True); the run prints how far the fused and foreach variants land from the
+# default implementation used here.
+
+TRAIN_MAX_LENGTH = 160  # see gen_train_parity: at 64 every one of the 12 rows is cut to 64 ids
+TRAIN_ROWS = 12
+TRAIN_SOFT_LABELS = {3: [0.7, 0.2, 0.1], 8: [0.2, 0.3, 0.5]}  # row index -> soft label
+
+TRAIN_CASES = [
+    dict(name="gemma2_lora", model="gemma2_f32", quant="none", seed=707,
+         init_adapter="train_gemma2_init", final_adapter="train_gemma2_final",
+         lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                   target_modules=list(PROJECTIONS), layers_to_transform=[1, 2, 3]),
+         hyper=dict(lr=2e-3, weight_decay=0.01, betas=[0.9, 0.999], eps=1e-8, batch_size=2,
+                    grad_accum=2, max_grad_norm=0.05, scheduler="linear", warmup_steps=1,
+                    epochs=1, label_smoothing=0.0, shuffle=False)),
+    dict(name="llama_qlora", model="llama_f32", quant="nf4", seed=808,
+         init_adapter="train_llama_init", final_adapter="train_llama_final",
+         lora=dict(r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=True,
+                   target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2]),
+         hyper=dict(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, batch_size=3,
+                    grad_accum=2, max_grad_norm=1.0, scheduler="cosine", warmup_steps=0,
+                    epochs=1, label_smoothing=0.1, shuffle=False)),
+]
+
+
+def peft_key(param_name):
+    """A PeftModel parameter name -> its key in adapter_model.safetensors (adapter name dropped,
+    the modules_to_save copy saved under the plain module path)."""
+    return param_name.replace(".modules_to_save.default", "").replace(".default", "")
+
+
+def load_peft_strict(base, adapter_dir, is_trainable=False):
+    """PeftModel.from_pretrained, failing loudly unless the adapter file and the model agree
+    exactly.  Any warning during the load is an error (deprecation notices aside: transformers
+    5.24 emits a FutureWarning about is_gradient_checkpointing on every trainable load).  That
+    alone is not enough: PEFT 0.21.2 warns only about missing keys containing "lora_" and the
+    adapter name, never about unexpected keys (e.g. a layer outside layers_to_transform, which it
+    silently ignores), and a missing score key depends on the config (SEQ_CLS: a KeyError inside
+    PEFT; no task_type: no modules_to_save, the base's or a random head stays).  So the score key
+    is required up front, and afterwards the key sets and every loaded value are compared."""
+    import warnings
+
+    torch = _torch()
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    stored = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    if not any(k.endswith("score.weight") for k in stored):
+        raise RuntimeError(f"{adapter_dir}: no score head in the adapter (modules_to_save); PEFT "
+                           "would keep the base model's (or a random) head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    live = get_peft_model_state_dict(model, save_embedding_layers=False)
+    missing, unexpected = sorted(set(live) - set(stored)), sorted(set(stored) - set(live))
+    if missing or unexpected:
+        raise RuntimeError(f"{adapter_dir}: adapter keys do not fit the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    for k, v in stored.items():
+        if not torch.equal(live[k].float(), v.float()):
+            raise RuntimeError(f"{adapter_dir}: {k} was not loaded into the model")
+    return model
+
+
+def train_rows(tok, eos_id):
+    """The first TRAIN_ROWS rows of assets/demo/train.csv: concat ids and label triples."""
+    import csv
+
+    with open(DEMO_CSV, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:TRAIN_ROWS]
+    out = []
+    for i, row in enumerate(rows):
+        ids = encode_concat(tok, row, TRAIN_MAX_LENGTH, eos_id)
+        assert 0 not in ids, "pad id 0 inside a row"
+        label = TRAIN_SOFT_LABELS.get(i, [float(row[k]) for k in LABELS])
+        assert abs(sum(label) - 1.0) < 1e-12, label
+        out.append({"input_ids": ids, "label": label})
+    return out
+
+
+def make_train_init_adapter(case):
+    """The fixed initial adapter: A kaiming-uniform (PEFT's init, a=sqrt(5), bound 1/sqrt(in)),
+    B ~ N(0, 0.02) (not zero, so A gets gradients at step 1), score = the base checkpoint's
+    score + N(0, 0.02); all from one seeded generator, parameters in sorted name order."""
+    import math
+
+    torch = _torch()
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lo = case["lora"]
+    base = load_seq_cls(FIX / case["model"], seed=case["seed"])
+    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lo["r"], lora_alpha=lo["lora_alpha"],
+                     lora_dropout=lo["lora_dropout"], use_rslora=lo["use_rslora"],
+                     target_modules=lo["target_modules"], layers_to_transform=lo["layers_to_transform"])
+    model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(case["seed"])
+    base_score = base.score.weight.detach().clone()
+    with torch.no_grad():
+        for pname, p in sorted(model.named_parameters()):
+            if not p.requires_grad:
+                continue
+            if "lora_A" in pname:
+                torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=g)
+            elif "lora_B" in pname:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif "modules_to_save" in pname and "score" in pname:
+                p.copy_(base_score + torch.randn(p.shape, generator=g) * 0.02)
+            else:
+                raise AssertionError(f"unexpected trainable parameter {pname}")
+    keys, shapes, acfg = save_peft_adapter(model, case["init_adapter"], case["model"])
+    assert acfg["modules_to_save"] == ["classifier", "score"], acfg["modules_to_save"]
+    return keys, shapes
+
+
+def load_train_model(case, adapter, is_trainable, dtype=None):
+    """Base (f32, eager; NF4 round trip for quant nf4) + the adapter, strictly loaded."""
+    torch = _torch()
+    base = load_seq_cls(FIX / case["model"], seed=0)
+    if case["quant"] == "nf4":
+        n = nf4_roundtrip_(base, double_quant=False)
+        assert n == 7 * base.config.num_hidden_layers, n
+    model = load_peft_strict(base, FIX / adapter, is_trainable=is_trainable)
+    if dtype is not None and dtype != torch.float32:
+        model = model.to(dtype)
+    return model
+
+
+def batch_logits(model, ids_rows):
+    """SeqCls logits of a right-padded batch (pad id 0, attention_mask 1 on real tokens)."""
+    torch = _torch()
+    width = max(len(r) for r in ids_rows)
+    ids = torch.zeros(len(ids_rows), width, dtype=torch.long)
+    mask = torch.zeros(len(ids_rows), width, dtype=torch.long)
+    for i, r in enumerate(ids_rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+def micro_batch_loss(model, rows, label_smoothing, dtype, unpadded=False):
+    """Mean soft-target cross entropy over the rows of one micro-batch.  unpadded: one forward
+    per row instead of the padded batch (same loss up to rounding; used for the float64 run,
+    where transformers' padded sliding-window layers produce NaN, see gen_train_parity)."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    if unpadded:
+        logits = torch.cat([batch_logits(model, [r["input_ids"]]) for r in rows])
+    else:
+        logits = batch_logits(model, [r["input_ids"] for r in rows])
+    target = torch.tensor([r["label"] for r in rows], dtype=dtype)
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
+class true_float64:
+    """Context manager: transformers' Gemma-2 / Llama code upcasts to float32, not to the
+    activation dtype, in RMSNorm (x.float()) and in the eager attention softmax (dtype=float32),
+    so model.double() alone still rounds to f32 there.  Inside this context both keep float64
+    (RoPE angles stay f32, a constant of the positions), for the float64 comparison run."""
+
+    def __enter__(self):
+        torch = _torch()
+        import torch.nn.functional as F
+        from transformers.models.gemma2 import modeling_gemma2 as mg
+        from transformers.models.llama import modeling_llama as ml
+
+        def gemma_norm(mod, x):
+            return mod._norm(x) * (1.0 + mod.weight)
+
+        def llama_norm(mod, x):
+            return mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon))
+
+        softmax = F.softmax
+
+        def softmax_keep64(x, dim=None, _stacklevel=3, dtype=None):
+            if x.dtype == torch.float64 and dtype == torch.float32:
+                dtype = None
+            return softmax(x, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+        self.saved = [(mg.Gemma2RMSNorm, "forward", mg.Gemma2RMSNorm.forward),
+                      (ml.LlamaRMSNorm, "forward", ml.LlamaRMSNorm.forward), (F, "softmax", softmax)]
+        mg.Gemma2RMSNorm.forward, ml.LlamaRMSNorm.forward, F.softmax = gemma_norm, llama_norm, softmax_keep64
+        return self
+
+    def __exit__(self, *exc):
+        for obj, attr, value in self.saved:
+            setattr(obj, attr, value)
+        return False
+
+
+def make_scheduler(opt, hyper, num_steps):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    make = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
+    return make[hyper["scheduler"]](opt, num_warmup_steps=hyper["warmup_steps"],
+                                    num_training_steps=num_steps)
+
+
+def train_loop(case, rows, dtype=None, unpadded=False, **adamw_kw):
+    """The Trainer-equivalent loop above.  Returns (model, named trainable tensors by PEFT key,
+    initial values, per-step records)."""
+    torch = _torch()
+    dtype = dtype or torch.float32
+    h = case["hyper"]
+    torch.manual_seed(case["seed"])
+    model = load_train_model(case, case["init_adapter"], is_trainable=True, dtype=dtype)
+    model.train()
+    named = [(peft_key(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    initial = {k: p.detach().clone() for k, p in named}
+    opt = torch.optim.AdamW(params, lr=h["lr"], betas=tuple(h["betas"]), eps=h["eps"],
+                            weight_decay=h["weight_decay"], **adamw_kw)
+    bs, accum = h["batch_size"], h["grad_accum"]
+    micro = [rows[i: i + bs] for i in range(0, len(rows), bs)]
+    assert len(micro) % accum == 0 and h["epochs"] == 1 and not h["shuffle"]
+    num_steps = len(micro) // accum
+    sched = make_scheduler(opt, h, num_steps)
+    steps = []
+    for s in range(num_steps):
+        lr_used = opt.param_groups[0]["lr"]
+        losses = []
+        for mb in micro[s * accum: (s + 1) * accum]:
+            loss = micro_batch_loss(model, mb, h["label_smoothing"], dtype, unpadded)
+            (loss / accum).backward()
+            losses.append(float(loss.detach()))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, h["max_grad_norm"]))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        steps.append({"step": s + 1, "lr": lr_used, "loss": sum(losses) / len(losses),
+                      "micro_losses": losses, "grad_norm": norm,
+                      "clipped": h["max_grad_norm"] / (norm + 1e-6) < 1.0})
+    return model, named, initial, steps
+
+
+def first_micro_batch_gradient(case, rows, grad_keys):
+    """Loss and gradient of the first micro-batch's mean loss (NOT divided by grad_accum) at the
+    initial adapter, before any optimiser step."""
+    torch = _torch()
+    h = case["hyper"]
+    torch.manual_seed(case["seed"])
+    model = load_train_model(case, case["init_adapter"], is_trainable=True)
+    model.train()
+    loss = micro_batch_loss(model, rows[: h["batch_size"]], h["label_smoothing"], torch.float32)
+    loss.backward()
+    loss = loss.detach()
+    grads = {peft_key(n): p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    total = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
+    return {
+        "rows": list(range(h["batch_size"])),
+        "note": "gradient of the micro-batch's mean loss itself (not divided by grad_accum), at the "
+                "initial adapter, before any optimiser step",
+        "loss": float(loss),
+        "grad_total_norm": total,
+        "grad_norms": {k: float(g.double().norm()) for k, g in sorted(grads.items())},
+        "grads": {k: grads[k].tolist() for k in grad_keys},
+    }
+
+
+def _dump_compact(doc):
+    """json with indent 1, but every list of plain numbers on one line."""
+    import re
+
+    text = json.dumps(doc, indent=1)
+    return re.sub(r"\[\s*([-+0-9.eE,\s]*?)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+
+
+def gen_train_parity(vers):
+    """tests/fixtures/train_parity.json and the adapters train_{gemma2,llama}_{init,final}/.
+
+    max_length: the first 12 rows of train.csv are all longer than 64 tokens (only row 7 has
+    exactly 64 ids), so at max_length 64 no micro-batch would contain padding.  At
+    TRAIN_MAX_LENGTH = 160 rows 7, 8 and 11 are shorter (64, 141, 136 ids), so the right padding,
+    the attention mask and the last-non-pad-token gather are exercised in 3 of the 6 gemma2
+    micro-batches and 2 of the 4 llama ones."""
+    torch = _torch()
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(FIX / "gemma2_f32" / "tokenizer.json"))
+    doc = {"generator": vers, "reference": None, "cases": []}
+    for case in TRAIN_CASES:
+        name, h = case["name"], case["hyper"]
+        rows = train_rows(tok, eos_of(case["model"]))
+        init_keys, shapes = make_train_init_adapter(case)
+
+        # padded batches give the same logits as one row at a time without padding
+        check = load_train_model(case, case["init_adapter"], is_trainable=False)
+        with torch.no_grad():
+            padded = batch_logits(check, [r["input_ids"] for r in rows])
+        single, _ = forward_rows(check, [r["input_ids"] for r in rows])
+        pad_diff = float((padded - torch.tensor(single)).abs().max())
+        assert pad_diff < 1e-4, (name, pad_diff)
+
+        model, named, initial, steps = train_loop(case, rows)
+        # loaded from the init adapter, whose base_model_name_or_path is the relative fixture name;
+        # PEFT's save would look that up on the Hub (no network here): point it at the dir
+        model.peft_config["default"].base_model_name_or_path = str(FIX / case["model"])
+        assert sorted(k for k, _ in named) == init_keys, "trainable tensors != adapter keys"
+        final_keys, _, _ = save_peft_adapter(model, case["final_adapter"], case["model"])
+        assert final_keys == init_keys
+        final = load_file(str(FIX / case["final_adapter"] / "adapter_model.safetensors"))
+        for k, p in named:
+            assert torch.equal(final[k], p.detach()), k
+        update_norms = {k: float((final[k].double() - initial[k].double()).norm()) for k in init_keys}
+
+        # the saved final adapter, reloaded by PEFT, predicts the rows like this (batch 1, no pad)
+        reloaded = load_train_model(case, case["final_adapter"], is_trainable=False)
+        _, final_probs = forward_rows(reloaded, [r["input_ids"] for r in rows])
+
+        # how far other implementations land (printed only): AdamW foreach / fused, one forward
+        # per row instead of padded batches, and float64 (unpadded: in float64 transformers'
+        # padded batches give NaN -- a pad query of a sliding layer whose keys are all masked gets
+        # an all -inf row, and 0 * NaN then spreads through the value matmul of the next layer;
+        # float32 stays finite and exact there)
+        alt = {}
+        for label, kw in (("foreach", dict(foreach=True)), ("fused", dict(fused=True)),
+                          ("unpadded", dict(unpadded=True)),
+                          ("float64", dict(dtype=torch.float64, unpadded=True))):
+            with true_float64():
+                _m, named_alt, init_alt, steps_alt = train_loop(case, rows, **kw)
+            rel = max(float(((p.detach().double() - init_alt[k].double())
+                             - (final[k].double() - initial[k].double())).norm()) / update_norms[k]
+                      for k, p in named_alt)
+            dl = max(abs(a["loss"] - b["loss"]) for a, b in zip(steps, steps_alt))
+            alt[label] = (dl, rel)
+
+        entry = {
+            "name": name, "model": case["model"], "quant": case["quant"],
+            "init_adapter": case["init_adapter"], "final_adapter": case["final_adapter"],
+            "lora": case["lora"],
+            "hyper": dict(h, max_length=TRAIN_MAX_LENGTH, format="concat"),
+            "rows": rows,
+            "steps": steps,
+            "update_norms": update_norms,
+            "final_probs": final_probs,
+            "noise_floor": {"float64_max_loss_diff": alt["float64"][0],
+                            "float64_max_rel_update_err": alt["float64"][1]},
+        }
+        if name == "gemma2_lora":
+            entry["first_micro_batch"] = first_micro_batch_gradient(case, rows, [
+                "base_model.model.score.weight",
+                "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"])
+            fmb = entry["first_micro_batch"]
+            assert abs(fmb["loss"] - steps[0]["micro_losses"][0]) < 1e-6
+        doc["cases"].append(entry)
+
+        print(f"[train] {name}: {case['model']} quant {case['quant']}, {len(init_keys)} trainable tensors "
+              f"({sum(math_prod(shapes[k][1]) for k in init_keys)} values), row lengths "
+              f"{[len(r['input_ids']) for r in rows]}; padded vs unpadded logits {pad_diff:.1e}")
+        for st in steps:
+            print(f"        step {st['step']}: lr {st['lr']:.6g}  loss {st['loss']:.7f}  micro "
+                  f"{[round(x, 7) for x in st['micro_losses']]}  pre-clip norm {st['grad_norm']:.6f} "
+                  f"(max {h['max_grad_norm']}: {'clipped' if st['clipped'] else 'not clipped'})")
+        rel_sizes = [update_norms[k] / float(initial[k].double().norm()) for k in init_keys]
+        print(f"        |final - init| / |init| per tensor: {min(rel_sizes):.2e} .. {max(rel_sizes):.2e}")
+        for label, (dl, rel) in alt.items():
+            print(f"        vs AdamW default (single-tensor, f32): {label:8} max |dloss| {dl:.1e}, "
+                  f"max rel update err {rel:.1e}")
+    doc["reference"] = (
+        "plain torch loop equal to the Hugging Face Trainer for these settings (see "
+        "scripts/gen_fixtures.py section 8): micro-batches of consecutive rows, right padding with "
+        "id 0 + attention_mask, transformers SeqCls logits at the last non-pad token (eager "
+        "attention, f32), loss = torch cross_entropy with probability targets and label_smoothing "
+        "(mean over the micro-batch), backward on loss/grad_accum, clip_grad_norm_ over all "
+        "trainable tensors (grad_norm = the pre-clip norm), torch.optim.AdamW default "
+        "(single-tensor) implementation, then scheduler.step(); lr = the lr the step ran at; "
+        "loss = mean of the micro-batch losses; nf4: every q/k/v/o/gate/up/down weight of the base "
+        "replaced by its bitsandbytes NF4 round trip (blocksize 64, no double quant) before "
+        "training; update_norms = Frobenius norm of final - initial per adapter tensor; "
+        "final_probs = softmax (f64) of the reloaded final adapter's logits, one row at a time")
+    path = FIX / "train_parity.json"
+    path.write_text(_dump_compact(doc) + "\n")
+    print(f"[train] {path.relative_to(ROOT)}: {path.stat().st_size / 1e3:.0f} kB; adapters "
+          f"{total_size([FIX / c[k] for c in TRAIN_CASES for k in ('init_adapter', 'final_adapter')]) / 1e3:.0f} kB")
+    for case in TRAIN_CASES:
+        keys = sorted(load_file(str(FIX / case["final_adapter"] / "adapter_model.safetensors")))
+        print(f"        {case['final_adapter']} keys: " + ", ".join(keys))
+    return doc
+
+
+def math_prod(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Checking an adapter written by the engine (--check-engine-adapter)
+# ----------------------------------------------------------------------------------------------
+
+def check_engine_adapter(adapter_dir, model_dir, quant="none", double_quant=False, ids_json=None):
+    """Load ADAPTER_DIR with PEFT's own PeftModel.from_pretrained on MODEL_DIR (f32, eager;
+    NF4 round trip of the projections with --quant nf4) and print one JSON line per row:
+    {"row", "probs", "logits"} (batch 1, no padding).  Rows: a JSON list of token-id lists, or
+    by default the rows of tests/fixtures/train_parity.json (the case whose model matches).
+    Exits non-zero, loudly, if PEFT warns or the adapter's keys and the model's differ."""
+    torch = _torch()
+    model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
+    if not model_dir.exists() and (FIX / model_dir).exists():
+        model_dir = FIX / model_dir
+    if ids_json:
+        ids_rows = json.loads(Path(ids_json).read_text())
+    else:
+        cases = json.loads((FIX / "train_parity.json").read_text())["cases"]
+        case = next((c for c in cases if c["model"] == model_dir.name), cases[0])
+        ids_rows = [r["input_ids"] for r in case["rows"]]
+    assert all(isinstance(r, list) and r and all(isinstance(i, int) for i in r) for r in ids_rows), \
+        "ids JSON must be a list of non-empty token-id lists"
+    base = load_seq_cls(model_dir, seed=0)
+    if quant == "nf4":
+        n = nf4_roundtrip_(base, double_quant)
+        print(f"nf4 round trip on {n} projection weights (double_quant {double_quant})", file=sys.stderr)
+    try:
+        model = load_peft_strict(base, adapter_dir).eval()
+    except Exception as e:  # warnings were turned into errors inside
+        print(f"ERROR: PEFT did not load {adapter_dir} cleanly: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    logits, probs = forward_rows(model, ids_rows)
+    for i, (lg, pr) in enumerate(zip(logits, probs)):
+        print(json.dumps({"row": i, "probs": pr, "logits": lg}))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # CUDA ground truth (run on a GPU machine; the outputs are committed as fixtures)
 # ----------------------------------------------------------------------------------------------
 
@@ -1662,7 +2149,28 @@ def main():
     ap.add_argument("--check-device", default="cuda", help=argparse.SUPPRESS)  # "cpu": self-test
     ap.add_argument("--cuda-ground-truth", metavar="OUT_DIR", default=None,
                     help="on a GPU: write nf4_cuda.safetensors and cases_cuda.json (bitsandbytes CUDA) into OUT_DIR")
+    ap.add_argument("--check-engine-adapter", metavar="ADAPTER_DIR", default=None,
+                    help="load ADAPTER_DIR (e.g. written by `engine train`) with PEFT on --model and print "
+                         "per-row probabilities as JSON lines; fails on any key mismatch")
+    ap.add_argument("--model", metavar="MODEL_DIR", default=None,
+                    help="base model dir for --check-engine-adapter (a path or a tests/fixtures name)")
+    ap.add_argument("--quant", choices=["none", "nf4"], default="none",
+                    help="--check-engine-adapter: NF4 round trip of the base's projections")
+    ap.add_argument("--double-quant", action="store_true",
+                    help="--check-engine-adapter with --quant nf4: compress_statistics")
+    ap.add_argument("--ids-json", metavar="FILE", default=None,
+                    help="--check-engine-adapter: JSON list of token-id lists (default: the rows of "
+                         "tests/fixtures/train_parity.json)")
     args = ap.parse_args()
+    if args.check_engine_adapter:
+        if not args.model:
+            ap.error("--check-engine-adapter needs --model MODEL_DIR")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        return check_engine_adapter(args.check_engine_adapter, args.model, args.quant,
+                                    args.double_quant, args.ids_json)
     if args.cuda_ground_truth:
         return cuda_ground_truth(args.cuda_ground_truth)
     if args.check_nf4_cuda:
@@ -1691,6 +2199,7 @@ def main():
         gen_adapter(name)
     gen_nf4()
     summary, notes = gen_cases(tok, vers)
+    gen_train_parity(vers)
 
     print("\nsummary")
     print(f"  {'case':28} {'max|logit|':>10}  {'ids per row':29} {'exercises':42} notes")

@@ -240,7 +240,27 @@ fn add_and_gated_activations_match_cpu() {
                 dtype,
             );
             for act in [Gate::GeluTanh, Gate::Silu] {
-                let want = gated(&ac, &bc, act).unwrap();
+                // The kernel rounds act(gate) to the dtype before the product (as transformers
+                // holds it in a tensor): build the reference the same way.
+                let ones = Tensor::from_f32(vec![1.0; t * w], &[t, w]).unwrap();
+                let a = gated(&ac, &ones, act).unwrap();
+                let a = Tensor::from_f32(
+                    CpuStorage::F32(a.to_f32_vec().unwrap())
+                        .to_dtype(dtype)
+                        .to_f32_vec(),
+                    &[t, w],
+                )
+                .unwrap();
+                let want = Tensor::from_f32(
+                    a.to_f32_vec()
+                        .unwrap()
+                        .iter()
+                        .zip(bc.to_f32_vec().unwrap())
+                        .map(|(x, y)| x * y)
+                        .collect(),
+                    &[t, w],
+                )
+                .unwrap();
                 check(
                     &format!("{act:?} {dtype:?} [{t},{w}]"),
                     &gated(&ag, &bg, act).unwrap(),

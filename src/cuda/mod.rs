@@ -117,6 +117,11 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
 impl CudaDevice {
     fn open(ordinal: usize) -> Result<Self> {
         let ctx = CudaContext::new(ordinal)?;
+        // All work of a device is ordered on its one stream, so cudarc's per-buffer event
+        // tracking (two events per allocation, a wait and a record per launch argument) would
+        // be pure overhead.
+        // SAFETY: nothing uses this context from another stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let capability = ctx.compute_capability()?;
         let name = ctx.name()?;

@@ -426,13 +426,16 @@ impl<'a> WeightLoader<'a> {
         self.parameters += t.elem_count();
     }
 
-    /// The embedding table, kept in its stored dtype.
+    /// The embedding table: its stored dtype on the CPU; the activation dtype on a GPU (as
+    /// transformers holds it when loaded in bf16: half the memory of an f32 table, and the
+    /// same rounding before the Gemma scale).
     pub fn embedding(&mut self, vocab: usize, hidden: usize) -> Result<Tensor> {
         let name = format!("{}embed_tokens.weight", self.prefix);
-        let t = self
-            .ck
-            .load(&name, &[vocab, hidden])?
-            .to_device(self.opts.device)?;
+        let t = self.ck.load(&name, &[vocab, hidden])?;
+        let t = match self.opts.device {
+            Device::Cpu => t,
+            dev => t.to_dtype(self.dtype)?.to_device(dev)?,
+        };
         self.count(&t);
         Ok(t)
     }

@@ -16,6 +16,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod linear;
+pub mod loss;
 pub mod norm;
 pub mod rope;
 

@@ -56,3 +56,39 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor> {
         ),
     }
 }
+
+/// (d gate, d up) of [`gated`] for the upstream gradient `dy`.
+pub fn gated_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+    act: Gate,
+) -> Result<(Tensor, Tensor)> {
+    if gate.shape() != up.shape() || dy.shape() != gate.shape() {
+        bail!(
+            Shape,
+            "gated backward: gate {:?}, up {:?}, dy {:?}",
+            gate.shape(),
+            up.shape(),
+            dy.shape()
+        );
+    }
+    match gate.device() {
+        Device::Cuda(_) => bail!(
+            Cuda,
+            "the CUDA backward kernels are not part of this build: train on the CPU"
+        ),
+        Device::Cpu => {
+            let (dg, du) = cpu::gated_backward(
+                gate.as_f32_slice()?,
+                up.as_f32_slice()?,
+                dy.as_f32_slice()?,
+                act,
+            );
+            Ok((
+                Tensor::from_f32(dg, gate.shape())?,
+                Tensor::from_f32(du, gate.shape())?,
+            ))
+        }
+    }
+}

@@ -140,3 +140,168 @@ fn softmax_row(row: &mut [f32], i: usize, j0: usize, p: &AttentionParams) {
         *x *= inv;
     }
 }
+
+/// Gradients of attention, recomputing the probabilities: per (row, KV head) task, for each
+/// query head of the group, with `u = scale·q·k`, `s = cap·tanh(u/cap)` (or `s = u`),
+/// `p = softmax(s)` over the visible keys:
+/// `dV += pᵀ·dO`, `dP = dO·Vᵀ`, `dS = p ⊙ (dP − rowsum(dP ⊙ p))`,
+/// `dU = dS·(1 − tanh²(u/cap))`, `dQ = scale·dU·K`, `dK += scale·dUᵀ·Q`.
+/// K and V gradients are summed over the query heads sharing the KV head.
+pub(super) fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    layout: &SeqLayout,
+    p: &AttentionParams,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let d = p.head_dim;
+    let qw = p.n_heads * d;
+    let kw = p.n_kv_heads * d;
+    let group = p.n_heads / p.n_kv_heads;
+    let tasks: Vec<(usize, usize)> = (0..layout.rows())
+        .flat_map(|r| (0..p.n_kv_heads).map(move |h| (r, h)))
+        .collect();
+    // Per task: dQ of its query heads ([group][len, d]), dK and dV of its KV head ([len, d]).
+    let results: Vec<(Vec<Vec<f32>>, Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(r, kvh)| {
+            let range = layout.range(r);
+            let (start, len) = (range.start, range.len());
+            let mut dk = vec![0f32; len * d];
+            let mut dv = vec![0f32; len * d];
+            let mut dqs = Vec::with_capacity(group);
+            let mut s = vec![0f32; len * len];
+            let mut tanh_u = vec![0f32; len * len];
+            let mut dp = vec![0f32; len * len];
+            let kv_k = MatRef {
+                data: &k[start * kw + kvh * d..],
+                rs: kw,
+                cs: 1,
+            };
+            let kt = MatRef {
+                data: &k[start * kw + kvh * d..],
+                rs: 1,
+                cs: kw,
+            };
+            let vt = MatRef {
+                data: &v[start * kw + kvh * d..],
+                rs: 1,
+                cs: kw,
+            };
+            for h in kvh * group..(kvh + 1) * group {
+                let qh = MatRef {
+                    data: &q[start * qw + h * d..],
+                    rs: qw,
+                    cs: 1,
+                };
+                let doh = MatRef {
+                    data: &dout[start * qw + h * d..],
+                    rs: qw,
+                    cs: 1,
+                };
+                // Probabilities, keeping tanh(u/cap) for the soft-cap derivative.
+                sgemm(len, len, d, &mut s, len, false, qh, kt, 1.0, Threads::One);
+                for i in 0..len {
+                    let lo = match p.window {
+                        Some(w) => (i + 1).saturating_sub(w),
+                        None => 0,
+                    };
+                    let row = &mut s[i * len..(i + 1) * len];
+                    let trow = &mut tanh_u[i * len..(i + 1) * len];
+                    let mut max = f32::NEG_INFINITY;
+                    for j in 0..len {
+                        if j > i || j < lo {
+                            continue;
+                        }
+                        let u = row[j] * p.scale;
+                        row[j] = match p.softcap {
+                            Some(cap) => {
+                                let t = (u / cap).tanh();
+                                trow[j] = t;
+                                cap * t
+                            }
+                            None => u,
+                        };
+                        max = max.max(row[j]);
+                    }
+                    let mut sum = 0f32;
+                    for j in 0..len {
+                        if j > i || j < lo {
+                            row[j] = 0.0;
+                        } else {
+                            row[j] = (row[j] - max).exp();
+                            sum += row[j];
+                        }
+                    }
+                    for x in row.iter_mut() {
+                        *x /= sum;
+                    }
+                }
+                // dV += Pᵀ·dO
+                let pt = MatRef {
+                    data: &s,
+                    rs: 1,
+                    cs: len,
+                };
+                sgemm(len, d, len, &mut dv, d, true, pt, doh, 1.0, Threads::One);
+                // dP = dO·Vᵀ
+                sgemm(len, len, d, &mut dp, len, false, doh, vt, 1.0, Threads::One);
+                // dU (in place in dp)
+                for i in 0..len {
+                    let prow = &s[i * len..(i + 1) * len];
+                    let drow = &mut dp[i * len..(i + 1) * len];
+                    let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                    for j in 0..len {
+                        let mut g = prow[j] * (drow[j] - dot);
+                        if p.softcap.is_some() {
+                            let t = tanh_u[i * len + j];
+                            g *= 1.0 - t * t;
+                        }
+                        drow[j] = g * p.scale;
+                    }
+                }
+                // dQ = dU·K ; dK += dUᵀ·Q
+                let mut dq = vec![0f32; len * d];
+                sgemm(
+                    len,
+                    d,
+                    len,
+                    &mut dq,
+                    d,
+                    false,
+                    MatRef::rows(&dp, len),
+                    kv_k,
+                    1.0,
+                    Threads::One,
+                );
+                let dut = MatRef {
+                    data: &dp,
+                    rs: 1,
+                    cs: len,
+                };
+                sgemm(len, d, len, &mut dk, d, true, dut, qh, 1.0, Threads::One);
+                dqs.push(dq);
+            }
+            (dqs, dk, dv)
+        })
+        .collect();
+    let t = layout.total_tokens();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; t * qw], vec![0f32; t * kw], vec![0f32; t * kw]);
+    for (&(r, kvh), (dqs, dkh, dvh)) in tasks.iter().zip(&results) {
+        let start = layout.range(r).start;
+        for (gi, dqh) in dqs.iter().enumerate() {
+            let h = kvh * group + gi;
+            for (i, src) in dqh.chunks(d).enumerate() {
+                let o = (start + i) * qw + h * d;
+                dq[o..o + d].copy_from_slice(src);
+            }
+        }
+        for (i, (sk, sv)) in dkh.chunks(d).zip(dvh.chunks(d)).enumerate() {
+            let o = (start + i) * kw + kvh * d;
+            dk[o..o + d].copy_from_slice(sk);
+            dv[o..o + d].copy_from_slice(sv);
+        }
+    }
+    (dq, dk, dv)
+}

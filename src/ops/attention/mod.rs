@@ -77,3 +77,45 @@ pub fn attention(
         }
     }
 }
+
+/// (dq, dk, dv) of [`attention`] for the upstream gradient `dout` (`q`'s shape).
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    layout: &SeqLayout,
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if dout.shape() != q.shape() || k.shape() != v.shape() {
+        bail!(
+            Shape,
+            "attention backward: q {:?}, k {:?}, v {:?}, dout {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            dout.shape()
+        );
+    }
+    match q.device() {
+        Device::Cuda(_) => bail!(
+            Cuda,
+            "the CUDA backward kernels are not part of this build: train on the CPU"
+        ),
+        Device::Cpu => {
+            let (dq, dk, dv) = cpu::attention_backward(
+                q.as_f32_slice()?,
+                k.as_f32_slice()?,
+                v.as_f32_slice()?,
+                dout.as_f32_slice()?,
+                layout,
+                p,
+            );
+            Ok((
+                Tensor::from_f32(dq, q.shape())?,
+                Tensor::from_f32(dk, k.shape())?,
+                Tensor::from_f32(dv, v.shape())?,
+            ))
+        }
+    }
+}

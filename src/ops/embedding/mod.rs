@@ -45,3 +45,35 @@ pub fn gather_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
         }
     }
 }
+
+/// dx of [`gather_rows`]: the row gradients scattered (added) back into a `[rows, hidden]`
+/// zero tensor.
+pub fn gather_rows_backward(dy: &Tensor, idx: &[usize], rows: usize) -> Result<Tensor> {
+    let (n, h) = dy.dims2()?;
+    if n != idx.len() || idx.iter().any(|&i| i >= rows) {
+        bail!(
+            Shape,
+            "gather_rows backward: {n} gradients for {} indices into {rows} rows",
+            idx.len()
+        );
+    }
+    match dy.device() {
+        Device::Cuda(_) => bail!(
+            Cuda,
+            "the CUDA backward kernels are not part of this build: train on the CPU"
+        ),
+        Device::Cpu => {
+            let g = dy.as_f32_slice()?;
+            let mut dx = vec![0f32; rows * h];
+            for (r, &i) in idx.iter().enumerate() {
+                for (d, s) in dx[i * h..(i + 1) * h]
+                    .iter_mut()
+                    .zip(&g[r * h..(r + 1) * h])
+                {
+                    *d += s;
+                }
+            }
+            Tensor::from_f32(dx, &[rows, h])
+        }
+    }
+}

@@ -127,8 +127,115 @@ pub fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
                     x.dtype().name()
                 );
             }
-            let y = cpu::linear(x.as_f32_slice()?, t, k, n, layer)?;
+            let y = cpu::linear(x.as_f32_slice()?, None, t, k, n, layer)?;
             Tensor::from_f32(y, &[t, n])
+        }
+    }
+}
+
+/// [`linear`] with a separate input for the LoRA path (`x_lora`, the dropped-out `x` when
+/// training with LoRA dropout, as PEFT applies dropout before `lora_A`). CPU only.
+pub fn linear_split(x: &Tensor, x_lora: &Tensor, layer: &Linear) -> Result<Tensor> {
+    let (t, k) = x.dims2()?;
+    let (n, kw) = layer.weight.dims();
+    if k != kw || x_lora.shape() != x.shape() {
+        bail!(
+            Shape,
+            "linear: x {:?}, LoRA input {:?}, weight [{n}, {kw}]",
+            x.shape(),
+            x_lora.shape()
+        );
+    }
+    match x.device() {
+        Device::Cuda(_) => bail!(
+            Cuda,
+            "LoRA dropout is not supported on the GPU in this build"
+        ),
+        Device::Cpu => {
+            let y = cpu::linear(
+                x.as_f32_slice()?,
+                Some(x_lora.as_f32_slice()?),
+                t,
+                k,
+                n,
+                layer,
+            )?;
+            Tensor::from_f32(y, &[t, n])
+        }
+    }
+}
+
+/// Gradients of [`linear`] with respect to its input, the LoRA factors and (if requested) a
+/// trainable dense weight. The base weight is frozen: no gradient is formed for it.
+#[derive(Debug)]
+pub struct LinearGrads {
+    pub dx: Tensor,
+    /// Gradient of the separate LoRA input of [`linear_split`].
+    pub dx_lora: Option<Tensor>,
+    /// (dA, dB) when the layer has LoRA.
+    pub lora: Option<(Tensor, Tensor)>,
+    /// dW when `weight_grad` was asked for.
+    pub weight: Option<Tensor>,
+}
+
+/// Backward of [`linear`] (or of [`linear_split`] when `x_lora` is given) for the upstream
+/// gradient `dy` (`[tokens, out]`) at input `x`.
+pub fn linear_backward(
+    x: &Tensor,
+    x_lora: Option<&Tensor>,
+    dy: &Tensor,
+    layer: &Linear,
+    weight_grad: bool,
+) -> Result<LinearGrads> {
+    let (t, k) = x.dims2()?;
+    let (n, kw) = layer.weight.dims();
+    if k != kw || dy.shape() != [t, n] {
+        bail!(
+            Shape,
+            "linear backward: x {:?}, dy {:?}, weight [{n}, {kw}]",
+            x.shape(),
+            dy.shape()
+        );
+    }
+    match x.device() {
+        Device::Cuda(_) => bail!(
+            Cuda,
+            "the CUDA backward kernels are not part of this build: train on the CPU"
+        ),
+        Device::Cpu => {
+            let xl = match x_lora {
+                Some(t) => Some(t.as_f32_slice()?),
+                None => None,
+            };
+            let g = cpu::linear_backward(
+                x.as_f32_slice()?,
+                xl,
+                dy.as_f32_slice()?,
+                t,
+                k,
+                n,
+                layer,
+                weight_grad,
+            )?;
+            let r = layer.lora.as_ref().map(|l| l.a.shape()[0]).unwrap_or(0);
+            Ok(LinearGrads {
+                dx: Tensor::from_f32(g.dx, &[t, k])?,
+                dx_lora: match g.dx_lora {
+                    Some(d) => Some(Tensor::from_f32(d, &[t, k])?),
+                    None => None,
+                },
+                lora: match g.lora {
+                    Some((da, db)) => Some((
+                        Tensor::from_f32(da, &[r, k])?,
+                        Tensor::from_f32(db, &[n, r])?,
+                    )),
+                    None => None,
+                },
+                weight: match g.dw {
+                    Some(dw) => Some(Tensor::from_f32(dw, &[n, k])?),
+                    None => None,
+                },
+            })
         }
     }
 }

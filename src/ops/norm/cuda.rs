@@ -7,7 +7,21 @@ use crate::cuda::abi::engine_norm_params;
 use crate::cuda::launch::{per_row, row_threads};
 use crate::error::Result;
 use crate::kernel_name;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
+
+/// The kernels read the gains as f32 on the same device.
+fn check_weight(n: &RmsNorm, x: &Tensor) -> Result<()> {
+    if n.weight.dtype() != DType::F32 || n.weight.device() != x.device() {
+        crate::bail!(
+            Shape,
+            "rms_norm: the gain must be f32 on {}, found {} on {}",
+            x.device(),
+            n.weight.dtype().name(),
+            n.weight.device()
+        );
+    }
+    Ok(())
+}
 
 fn params(rows: usize, hidden: usize, n: &RmsNorm) -> engine_norm_params {
     engine_norm_params {
@@ -19,6 +33,7 @@ fn params(rows: usize, hidden: usize, n: &RmsNorm) -> engine_norm_params {
 }
 
 pub(super) fn rms_norm(x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+    check_weight(norm, x)?;
     let sx = x.cuda_storage()?;
     let dev = sx.device().clone();
     let (t, h) = x.dims2()?;
@@ -42,6 +57,7 @@ pub(super) fn rms_norm(x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
 
 /// (s, y) with s = x + a, y = norm(s).
 pub(super) fn add_rms_norm(x: &Tensor, a: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
+    check_weight(norm, x)?;
     let (sx, sa) = (x.cuda_storage()?, a.cuda_storage()?);
     let dev = sx.device().clone();
     let (t, h) = x.dims2()?;
@@ -76,6 +92,8 @@ pub(super) fn norm_add_norm(
     n1: &RmsNorm,
     n2: &RmsNorm,
 ) -> Result<(Tensor, Tensor)> {
+    check_weight(n1, x)?;
+    check_weight(n2, x)?;
     let (sx, sa) = (x.cuda_storage()?, a.cuda_storage()?);
     let dev = sx.device().clone();
     let (t, h) = x.dims2()?;

@@ -106,3 +106,34 @@ fn check_pair(x: &Tensor, a: &Tensor, norm: &RmsNorm) -> Result<()> {
     }
     Ok(())
 }
+
+/// dx of [`rms_norm`] (the gains are frozen).
+pub fn rms_norm_backward(x: &Tensor, dy: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+    let (t, h) = x.dims2()?;
+    if dy.shape() != x.shape() || norm.weight.shape() != [h] {
+        bail!(
+            Shape,
+            "rms_norm backward: x {:?}, dy {:?}, weight {:?}",
+            x.shape(),
+            dy.shape(),
+            norm.weight.shape()
+        );
+    }
+    match x.device() {
+        Device::Cuda(_) => bail!(
+            Cuda,
+            "the CUDA backward kernels are not part of this build: train on the CPU"
+        ),
+        Device::Cpu => Tensor::from_f32(
+            cpu::rms_norm_backward(
+                x.as_f32_slice()?,
+                dy.as_f32_slice()?,
+                norm.weight.as_f32_slice()?,
+                h,
+                norm.eps,
+                norm.kind,
+            ),
+            &[t, h],
+        ),
+    }
+}

@@ -102,3 +102,34 @@ pub fn apply(x: &Tensor, table: &RopeTable, head_dim: usize) -> Result<Tensor> {
         }
     }
 }
+
+/// dx of [`apply`]: the rotation is orthogonal, so its gradient rotates back by the opposite
+/// angle.
+pub fn apply_backward(dy: &Tensor, table: &RopeTable, head_dim: usize) -> Result<Tensor> {
+    let (t, w) = dy.dims2()?;
+    if !head_dim.is_multiple_of(2) || w % head_dim != 0 || table.cos.shape() != [t, head_dim / 2] {
+        bail!(
+            Shape,
+            "rope backward: dy {:?}, head_dim {head_dim}, table {:?}",
+            dy.shape(),
+            table.cos.shape()
+        );
+    }
+    match dy.device() {
+        Device::Cuda(_) => bail!(
+            Cuda,
+            "the CUDA backward kernels are not part of this build: train on the CPU"
+        ),
+        Device::Cpu => {
+            let neg_sin: Vec<f32> = table.sin.as_f32_slice()?.iter().map(|s| -s).collect();
+            let y = cpu::apply(
+                dy.as_f32_slice()?,
+                table.cos.as_f32_slice()?,
+                &neg_sin,
+                w,
+                head_dim,
+            );
+            Tensor::from_f32(y, &[t, w])
+        }
+    }
+}
