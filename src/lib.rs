@@ -8,6 +8,7 @@
 //! - [`weights`] (safetensors), [`quant`] (NF4), [`data`] (CSV → tokens → batches)
 //! - [`tensor`], [`metrics`], [`predictions`], [`io`], [`error`]
 
+pub mod autograd;
 pub mod cli;
 pub mod cuda;
 pub mod data;

@@ -271,6 +271,12 @@ impl Tensor {
         &self.shape
     }
 
+    /// Identity of the storage (stable while any clone of the tensor lives): how the autograd
+    /// recognises a parameter tensor.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.storage) as usize
+    }
+
     pub fn rank(&self) -> usize {
         self.shape.len()
     }

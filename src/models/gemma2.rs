@@ -20,13 +20,12 @@ use crate::lora::Adapter;
 use crate::models::{
     LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config, round_to,
 };
-use crate::ops::activation::{Gate, gated};
-use crate::ops::attention::{AttentionParams, attention};
-use crate::ops::elementwise::add;
-use crate::ops::embedding::{embed, gather_rows};
-use crate::ops::linear::{Linear, linear};
-use crate::ops::norm::{NormKind, RmsNorm, norm_add_norm, rms_norm};
-use crate::ops::rope::{self, RopeTable};
+use crate::autograd::{Graph, Var};
+use crate::models::blocks::{AttentionBlock, LayerCtx, MlpBlock, layer_ctx};
+use crate::ops::activation::Gate;
+use crate::ops::attention::AttentionParams;
+use crate::ops::linear::Linear;
+use crate::ops::norm::{NormKind, RmsNorm};
 use crate::tensor::{DType, Tensor};
 use crate::weights::Checkpoint;
 
@@ -139,30 +138,26 @@ impl Config {
     }
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    params: AttentionParams,
-    /// Index into the model's RoPE tables (full vs sliding layers may differ).
-    rope: usize,
-}
-
-struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    act: Gate,
-}
-
 struct DecoderLayer {
     input_norm: RmsNorm,
-    attn: Attention,
+    attn: AttentionBlock,
     post_attn_norm: RmsNorm,
     pre_ff_norm: RmsNorm,
-    mlp: Mlp,
+    mlp: MlpBlock,
     post_ff_norm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// `x → x + post_ff(mlp(pre_ff(x + post_attn(attn(input_norm(x))))))`, with the
+    /// intermediate residual stream in between.
+    fn forward<'a>(&'a self, g: &mut Graph<'a>, x: &Var, ctx: &LayerCtx) -> Result<Var> {
+        let h = g.rms_norm(x, &self.input_norm)?;
+        let a = self.attn.forward(g, &h, ctx)?;
+        let (x, h) = g.norm_add_norm(x, &a, &self.post_attn_norm, &self.pre_ff_norm)?;
+        let f = self.mlp.forward(g, &h)?;
+        let f = g.rms_norm(&f, &self.post_ff_norm)?;
+        g.add(&x, &f)
+    }
 }
 
 /// A loaded Gemma-2 classifier.
@@ -176,7 +171,7 @@ pub struct Gemma2 {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     score: Linear,
-    /// Distinct rotary frequency tables (one per distinct layer-type spec).
+    /// Distinct rotary frequency tables: [full-attention layers, sliding layers].
     inv_freqs: Vec<Vec<f32>>,
 }
 
@@ -194,10 +189,7 @@ impl Gemma2 {
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let eps = cfg.rms_norm_eps as f32;
         let act = Gate::from_name(&cfg.hidden_activation)?;
-        let specs = [
-            RopeSpec::parse(raw, "full_attention", 10000.0)?,
-            RopeSpec::parse(raw, "sliding_attention", 10000.0)?,
-        ];
+        let specs = [RopeSpec::parse(raw, "full_attention", 10000.0)?, RopeSpec::parse(raw, "sliding_attention", 10000.0)?];
         let inv_freqs: Vec<Vec<f32>> = specs.iter().map(|s| s.inv_freq(hd)).collect();
         // Computed in f64 and rounded once, as Python's `query_pre_attn_scalar**-0.5` is.
         let scale = cfg.query_pre_attn_scalar.powf(-0.5) as f32;
@@ -208,34 +200,21 @@ impl Gemma2 {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("layers.{i}");
             let sliding = cfg.is_sliding(i);
-            let attn = Attention {
-                q: w.projection(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
-                k: w.projection(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
-                v: w.projection(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
-                o: w.projection(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
-                params: AttentionParams {
-                    n_heads: nh,
-                    n_kv_heads: nkv,
-                    head_dim: hd,
-                    scale,
-                    softcap: cfg.attn_logit_softcapping,
-                    window: if sliding { cfg.sliding_window } else { None },
-                },
-                rope: sliding as usize,
-            };
-            let mlp = Mlp {
-                gate: w.projection(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h)?,
-                up: w.projection(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
-                down: w.projection(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size)?,
-                act,
+            let params = AttentionParams {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                scale,
+                softcap: cfg.attn_logit_softcapping,
+                window: if sliding { cfg.sliding_window } else { None },
             };
             let kind = NormKind::OnePlusWeight;
             layers.push(DecoderLayer {
                 input_norm: w.norm(&format!("{p}.input_layernorm"), h, eps, kind)?,
-                attn,
+                attn: AttentionBlock::load(&mut w, &p, h, params, sliding as usize)?,
                 post_attn_norm: w.norm(&format!("{p}.post_attention_layernorm"), h, eps, kind)?,
                 pre_ff_norm: w.norm(&format!("{p}.pre_feedforward_layernorm"), h, eps, kind)?,
-                mlp,
+                mlp: MlpBlock::load(&mut w, &p, h, cfg.intermediate_size, act)?,
                 post_ff_norm: w.norm(&format!("{p}.post_feedforward_layernorm"), h, eps, kind)?,
             });
         }
@@ -255,53 +234,48 @@ impl Gemma2 {
         // transformers multiplies by sqrt(hidden) cast to the activation dtype (rounded in bf16).
         let dtype = w.dtype;
         let embed_scale = round_to(dtype, (h as f64).sqrt() as f32);
-        Ok(Gemma2 {
-            config: cfg,
-            info,
-            embed,
-            embed_scale,
-            dtype,
-            layers,
-            norm,
-            score,
-            inv_freqs,
-        })
+        Ok(Gemma2 { config: cfg, info, embed, embed_scale, dtype, layers, norm, score, inv_freqs })
     }
 
-    /// Class logits `[rows, 3]` (f32).
-    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
-        let layout = &batch.layout;
-        let positions = layout.positions();
-        let device = self.embed.device();
-        let ropes = self
-            .inv_freqs
-            .iter()
-            .map(|f| RopeTable::new(&positions, f, device))
-            .collect::<Result<Vec<_>>>()?;
-        let mut x = embed(&self.embed, &batch.ids, self.embed_scale, self.dtype)?;
-        // h: the normalised input of the next sublayer; x: the residual stream.
-        let mut h = rms_norm(&x, &self.layers[0].input_norm)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = &layer.attn;
-            let q = rope::apply(&linear(&h, &a.q)?, &ropes[a.rope], a.params.head_dim)?;
-            let k = rope::apply(&linear(&h, &a.k)?, &ropes[a.rope], a.params.head_dim)?;
-            let v = linear(&h, &a.v)?;
-            let att = linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?;
-            (x, h) = norm_add_norm(&x, &att, &layer.post_attn_norm, &layer.pre_ff_norm)?;
-
-            let m = &layer.mlp;
-            let act = gated(&linear(&h, &m.gate)?, &linear(&h, &m.up)?, m.act)?;
-            let ff = linear(&act, &m.down)?;
-            match self.layers.get(i + 1) {
-                Some(next) => {
-                    (x, h) = norm_add_norm(&x, &ff, &layer.post_ff_norm, &next.input_norm)?
-                }
-                None => x = add(&x, &rms_norm(&ff, &layer.post_ff_norm)?)?,
-            }
+    /// The forward pass on `g` (recording when training): class logits `[rows, 3]` (f32).
+    pub(crate) fn forward_graph<'a>(&'a self, g: &mut Graph<'a>, batch: &TokenBatch) -> Result<Var> {
+        let ctx = layer_ctx(&batch.layout, &self.inv_freqs, self.embed.device())?;
+        let mut x = g.embed(&self.embed, &batch.ids, self.embed_scale, self.dtype)?;
+        for layer in &self.layers {
+            let ctx = ctx.clone();
+            x = g.checkpoint(&x, move |g, x| layer.forward(g, x, &ctx))?;
         }
         // Only the pooled token of each row reaches the head; normalising just those rows is
         // the same function as normalising all of them (RMSNorm is per row).
-        let last = gather_rows(&x, &batch.pooled_tokens(self.info.pad_token_id))?;
-        linear(&rms_norm(&last, &self.norm)?, &self.score)
+        let last = g.gather_rows(&x, &batch.pooled_tokens(self.info.pad_token_id))?;
+        let last = g.rms_norm(&last, &self.norm)?;
+        g.linear(&last, &self.score)
+    }
+
+    /// Every projection with its Hugging Face module path, and the score head.
+    pub(crate) fn linears_mut(&mut self) -> (Vec<(String, &mut Linear)>, &mut Linear) {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for (name, lin) in l.attn.linears_mut() {
+                v.push((format!("model.layers.{i}.{name}"), lin));
+            }
+            for (name, lin) in l.mlp.linears_mut() {
+                v.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        (v, &mut self.score)
+    }
+
+    pub(crate) fn linears(&self) -> (Vec<(String, &Linear)>, &Linear) {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, lin) in l.attn.linears() {
+                v.push((format!("model.layers.{i}.{name}"), lin));
+            }
+            for (name, lin) in l.mlp.linears() {
+                v.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        (v, &self.score)
     }
 }

@@ -15,13 +15,12 @@ use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::lora::Adapter;
 use crate::models::{LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config};
-use crate::ops::activation::{Gate, gated};
-use crate::ops::attention::{AttentionParams, attention};
-use crate::ops::elementwise::add;
-use crate::ops::embedding::{embed, gather_rows};
-use crate::ops::linear::{Linear, linear};
-use crate::ops::norm::{NormKind, RmsNorm, add_rms_norm, rms_norm};
-use crate::ops::rope::{self, RopeTable};
+use crate::autograd::{Graph, Var};
+use crate::models::blocks::{AttentionBlock, LayerCtx, MlpBlock, layer_ctx};
+use crate::ops::activation::Gate;
+use crate::ops::attention::AttentionParams;
+use crate::ops::linear::Linear;
+use crate::ops::norm::{NormKind, RmsNorm};
 use crate::tensor::{DType, Tensor};
 use crate::weights::Checkpoint;
 
@@ -104,26 +103,22 @@ impl Config {
     }
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    params: AttentionParams,
-}
-
-struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    act: Gate,
-}
-
 struct DecoderLayer {
     input_norm: RmsNorm,
-    attn: Attention,
+    attn: AttentionBlock,
     post_attn_norm: RmsNorm,
-    mlp: Mlp,
+    mlp: MlpBlock,
+}
+
+impl DecoderLayer {
+    /// `x → s + mlp(post_attn_norm(s))` with `s = x + attn(input_norm(x))`.
+    fn forward<'a>(&'a self, g: &mut Graph<'a>, x: &Var, ctx: &LayerCtx) -> Result<Var> {
+        let h = g.rms_norm(x, &self.input_norm)?;
+        let a = self.attn.forward(g, &h, ctx)?;
+        let (x, h) = g.add_rms_norm(x, &a, &self.post_attn_norm)?;
+        let f = self.mlp.forward(g, &h)?;
+        g.add(&x, &f)
+    }
 }
 
 /// A loaded Llama classifier.
@@ -168,29 +163,11 @@ impl Llama {
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("layers.{i}");
-            let attn = Attention {
-                q: w.projection(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
-                k: w.projection(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
-                v: w.projection(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
-                o: w.projection(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
-                params,
-            };
-            let mlp = Mlp {
-                gate: w.projection(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h)?,
-                up: w.projection(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
-                down: w.projection(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size)?,
-                act,
-            };
             layers.push(DecoderLayer {
                 input_norm: w.norm(&format!("{p}.input_layernorm"), h, eps, NormKind::Weight)?,
-                attn,
-                post_attn_norm: w.norm(
-                    &format!("{p}.post_attention_layernorm"),
-                    h,
-                    eps,
-                    NormKind::Weight,
-                )?,
-                mlp,
+                attn: AttentionBlock::load(&mut w, &p, h, params, 0)?,
+                post_attn_norm: w.norm(&format!("{p}.post_attention_layernorm"), h, eps, NormKind::Weight)?,
+                mlp: MlpBlock::load(&mut w, &p, h, cfg.intermediate_size, act)?,
             });
         }
         let norm = w.norm("norm", h, eps, NormKind::Weight)?;
@@ -207,43 +184,46 @@ impl Llama {
             score_source,
         };
         let dtype = w.dtype;
-        Ok(Llama {
-            config: cfg,
-            info,
-            embed,
-            dtype,
-            layers,
-            norm,
-            score,
-            inv_freq,
-        })
+        Ok(Llama { config: cfg, info, embed, dtype, layers, norm, score, inv_freq })
     }
 
-    /// Class logits `[rows, 3]` (f32).
-    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
-        let layout = &batch.layout;
-        let positions = layout.positions();
-        let rope_table = RopeTable::new(&positions, &self.inv_freq, self.embed.device())?;
-        let mut x = embed(&self.embed, &batch.ids, 1.0, self.dtype)?;
-        // h: the normalised input of the next sublayer; x: the residual stream.
-        let mut h = rms_norm(&x, &self.layers[0].input_norm)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = &layer.attn;
-            let q = rope::apply(&linear(&h, &a.q)?, &rope_table, a.params.head_dim)?;
-            let k = rope::apply(&linear(&h, &a.k)?, &rope_table, a.params.head_dim)?;
-            let v = linear(&h, &a.v)?;
-            let att = linear(&attention(&q, &k, &v, layout, &a.params)?, &a.o)?;
-            (x, h) = add_rms_norm(&x, &att, &layer.post_attn_norm)?;
+    /// The forward pass on `g` (recording when training): class logits `[rows, 3]` (f32).
+    pub(crate) fn forward_graph<'a>(&'a self, g: &mut Graph<'a>, batch: &TokenBatch) -> Result<Var> {
+        let ctx = layer_ctx(&batch.layout, std::slice::from_ref(&self.inv_freq), self.embed.device())?;
+        let mut x = g.embed(&self.embed, &batch.ids, 1.0, self.dtype)?;
+        for layer in &self.layers {
+            let ctx = ctx.clone();
+            x = g.checkpoint(&x, move |g, x| layer.forward(g, x, &ctx))?;
+        }
+        let last = g.gather_rows(&x, &batch.pooled_tokens(self.info.pad_token_id))?;
+        let last = g.rms_norm(&last, &self.norm)?;
+        g.linear(&last, &self.score)
+    }
 
-            let m = &layer.mlp;
-            let act = gated(&linear(&h, &m.gate)?, &linear(&h, &m.up)?, m.act)?;
-            let ff = linear(&act, &m.down)?;
-            match self.layers.get(i + 1) {
-                Some(next) => (x, h) = add_rms_norm(&x, &ff, &next.input_norm)?,
-                None => x = add(&x, &ff)?,
+    /// Every projection with its Hugging Face module path, and the score head.
+    pub(crate) fn linears_mut(&mut self) -> (Vec<(String, &mut Linear)>, &mut Linear) {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for (name, lin) in l.attn.linears_mut() {
+                v.push((format!("model.layers.{i}.{name}"), lin));
+            }
+            for (name, lin) in l.mlp.linears_mut() {
+                v.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
-        let last = gather_rows(&x, &batch.pooled_tokens(self.info.pad_token_id))?;
-        linear(&rms_norm(&last, &self.norm)?, &self.score)
+        (v, &mut self.score)
+    }
+
+    pub(crate) fn linears(&self) -> (Vec<(String, &Linear)>, &Linear) {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, lin) in l.attn.linears() {
+                v.push((format!("model.layers.{i}.{name}"), lin));
+            }
+            for (name, lin) in l.mlp.linears() {
+                v.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        (v, &self.score)
     }
 }

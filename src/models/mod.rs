@@ -6,6 +6,7 @@
 //! and run by `forward`. Forward passes are written once against [`crate::ops`], which
 //! dispatch on the tensors' device.
 
+pub(crate) mod blocks;
 pub mod gemma2;
 pub mod llama;
 
@@ -16,6 +17,7 @@ use rand_distr::{Distribution, Normal};
 use serde::Deserialize;
 
 use crate::bail;
+use crate::autograd::{Graph, Var};
 use crate::data::batch::TokenBatch;
 use crate::error::{Error, Result};
 use crate::lora::Adapter;
@@ -89,11 +91,17 @@ pub enum Model {
 }
 
 impl Model {
-    /// Class logits `[rows, 3]` for a packed batch.
+    /// Class logits `[rows, 3]` (f32) for a packed batch.
     pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
+        let mut g = Graph::inference();
+        Ok(self.forward_graph(&mut g, batch)?.into_tensor())
+    }
+
+    /// The forward pass on a graph: recording it when `g` trains.
+    pub fn forward_graph<'a>(&'a self, g: &mut Graph<'a>, batch: &TokenBatch) -> Result<Var> {
         match self {
-            Model::Gemma2(m) => m.forward(batch),
-            Model::Llama(m) => m.forward(batch),
+            Model::Gemma2(m) => m.forward_graph(g, batch),
+            Model::Llama(m) => m.forward_graph(g, batch),
         }
     }
 
@@ -101,6 +109,21 @@ impl Model {
         match self {
             Model::Gemma2(m) => &m.info,
             Model::Llama(m) => &m.info,
+        }
+    }
+
+    /// Every base projection (with its Hugging Face module path) and the score head.
+    pub fn linears(&self) -> (Vec<(String, &Linear)>, &Linear) {
+        match self {
+            Model::Gemma2(m) => m.linears(),
+            Model::Llama(m) => m.linears(),
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> (Vec<(String, &mut Linear)>, &mut Linear) {
+        match self {
+            Model::Gemma2(m) => m.linears_mut(),
+            Model::Llama(m) => m.linears_mut(),
         }
     }
 }
