@@ -126,7 +126,50 @@ impl Model {
             Model::Llama(m) => m.linears_mut(),
         }
     }
+
+    /// The trainable tensors in a fixed order — every LoRA `A` then `B`, layer by layer, then
+    /// the score head — under the key PEFT saves each one as.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        let (linears, score) = self.linears();
+        let mut out = Vec::new();
+        for (module, l) in linears {
+            if let Some(lora) = &l.lora {
+                out.push((format!("base_model.model.{module}.lora_A.weight"), lora.a.clone()));
+                out.push((format!("base_model.model.{module}.lora_B.weight"), lora.b.clone()));
+            }
+        }
+        if let BaseWeight::Dense(w) = &score.weight {
+            out.push((SCORE_KEY.to_string(), w.clone()));
+        }
+        out
+    }
+
+    /// Replace the trainable tensors (same order and shapes as [`Model::trainable`]).
+    pub fn set_trainable(&mut self, values: Vec<Tensor>) -> Result<()> {
+        let mut values = values.into_iter();
+        let mut next = |like: &Tensor, what: &str| -> Result<Tensor> {
+            let v = values.next().ok_or_else(|| Error::Shape(format!("set_trainable: no value for {what}")))?;
+            if v.shape() != like.shape() {
+                bail!(Shape, "set_trainable: {what} is {:?}, got {:?}", like.shape(), v.shape());
+            }
+            Ok(v)
+        };
+        let (linears, score) = self.linears_mut();
+        for (module, l) in linears {
+            if let Some(lora) = &mut l.lora {
+                lora.a = next(&lora.a, &module)?;
+                lora.b = next(&lora.b, &module)?;
+            }
+        }
+        if let BaseWeight::Dense(w) = &mut score.weight {
+            *w = next(w, "score")?;
+        }
+        Ok(())
+    }
 }
+
+/// The key of the score head in a PEFT SEQ_CLS adapter (saved through `modules_to_save`).
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
 
 /// Read `dir/config.json` as JSON.
 pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
