@@ -25,6 +25,7 @@ pub mod ops;
 pub mod predictions;
 pub mod quant;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -64,6 +64,8 @@ pub struct AdapterConfig {
     pub r: usize,
     pub lora_alpha: f64,
     #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
     pub target_modules: Option<TargetModules>,
     #[serde(default)]
     pub layers_to_transform: Option<LayerList>,
@@ -394,4 +396,108 @@ mod tests {
         // A key only matches whole dotted components: `proj` is not `o_proj`.
         assert_eq!(first_match(&p, "model.layers.0.self_attn.o_proj"), None);
     }
+}
+
+/// What an adapter written by `engine train` says about itself (PEFT's `LoraConfig` fields).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterSpec {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub use_rslora: bool,
+    /// Short module names (`q_proj`, …).
+    pub target_modules: Vec<String>,
+    /// Layers with LoRA (PEFT `layers_to_transform`); `None`: every layer.
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// Recorded as `base_model_name_or_path`.
+    pub base_model: String,
+}
+
+impl AdapterSpec {
+    /// adapter_config.json as PEFT writes it for a SEQ_CLS LoRA with the score head in
+    /// `modules_to_save` (PEFT fills any field it needs from its defaults).
+    pub fn config_json(&self) -> serde_json::Value {
+        let mut targets = self.target_modules.clone();
+        targets.sort();
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "SEQ_CLS",
+            "base_model_name_or_path": self.base_model,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "use_rslora": self.use_rslora,
+            "target_modules": targets,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": null,
+            "modules_to_save": ["classifier", "score"],
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_dora": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null
+        })
+    }
+
+    /// The LoRA scale this configuration gives every module.
+    pub fn scale(&self) -> f32 {
+        (if self.use_rslora { self.lora_alpha / (self.r as f64).sqrt() } else { self.lora_alpha / self.r as f64 }) as f32
+    }
+}
+
+/// Write a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) with
+/// `tensors` under their PEFT keys, atomically: the files are written into a sibling
+/// directory that is renamed over `dir` at the end.
+pub fn write_adapter(dir: &Path, spec: &AdapterSpec, tensors: &[(String, Tensor)]) -> Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = dir.file_name().ok_or_else(|| Error::Usage(format!("{}: not a directory path", dir.display())))?;
+    let staging = parent.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let result = (|| -> Result<()> {
+        let cfg = serde_json::to_string_pretty(&spec.config_json())?;
+        crate::io::write_atomic(&staging.join("adapter_config.json"), cfg.as_bytes())?;
+        let entries: Vec<(String, DType, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(k, t)| {
+                let t = t.to_cpu()?.to_dtype(DType::F32)?;
+                Ok((k.clone(), DType::F32, t.shape().to_vec(), t.cpu_storage()?.as_bytes().to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        crate::weights::save_safetensors(&staging.join("adapter_model.safetensors"), &entries, Some(meta))
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    if dir.exists() {
+        let old = parent.join(format!(".{}.old{}", name.to_string_lossy(), std::process::id()));
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Fresh LoRA factors as PEFT initialises them: `A` kaiming-uniform with a = √5, i.e.
+/// U(−1/√in, 1/√in); `B` zero.
+pub fn init_lora(r: usize, inp: usize, out: usize, scale: f32, rng: &mut impl rand::Rng) -> Result<crate::ops::linear::Lora> {
+    use rand::RngExt;
+    let bound = 1.0 / (inp as f32).sqrt();
+    let a: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-bound..bound)).collect();
+    Ok(crate::ops::linear::Lora {
+        a: Tensor::from_f32(a, &[r, inp])?,
+        b: Tensor::from_f32(vec![0.0; out * r], &[out, r])?,
+        scale,
+    })
 }
