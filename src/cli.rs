@@ -33,6 +33,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Fine-tune a LoRA adapter and the score head on a labelled arena CSV.
+    Train(Box<TrainArgs>),
     /// Score an arena CSV and write a submission.
     Infer(InferArgs),
     /// Log loss and accuracy of a prediction file against a labelled CSV.
@@ -117,6 +119,223 @@ pub struct InferArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Named starting points for the two backbones (explicit flags override them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Recipe {
+    /// max length 1536, lr 8e-5, freeze 2 layers, r 32, alpha 64, dropout 0, all 7 projections.
+    #[value(name = "gemma2-9b")]
+    Gemma2_9b,
+    /// max length 1280, lr 1.2e-4, freeze 2 layers, r 32, alpha 32, dropout 0, q/k/v/o.
+    #[value(name = "llama3.1-8b")]
+    Llama31_8b,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+    Auto,
+}
+
+const ALL_PROJECTIONS: &str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Base model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Labelled arena CSV (winner columns: one-hot or soft labels).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Adapter directory to write (PEFT layout); checkpoints go to <out>.checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Start from this recipe's settings.
+    #[arg(long, value_enum)]
+    pub recipe: Option<Recipe>,
+    /// Labelled CSV whose log loss is reported every --eval-every steps and at the end.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N optimiser steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Start from a PEFT adapter (LoRA and score head) instead of a fresh LoRA.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Quantise the frozen base projections (QLoRA with nf4).
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: QuantArg,
+    #[arg(long)]
+    pub double_quant: bool,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "turns")]
+    pub format: TextFormat,
+    /// Longest token sequence per row [default: 1024; recipes 1536 / 1280].
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step (the gradient is their mean).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Peak learning rate [default: 2e-4; recipes 8e-5 / 1.2e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, value_enum, default_value = "linear")]
+    pub scheduler: crate::train::optim::Schedule,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// LoRA rank [default: 16; recipes 32].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha [default: 32; recipes 64 / 32].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input [default: 0.05; recipes 0].
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Projections that get LoRA, comma-separated [default: all 7; llama recipe q,k,v,o].
+    #[arg(long)]
+    pub target_modules: Option<String>,
+    /// Leave the first N layers without LoRA (PEFT layers_to_transform) [default: 0; recipes 2].
+    #[arg(long)]
+    pub freeze_layers: Option<usize>,
+    /// LoRA scale alpha/sqrt(r) instead of alpha/r.
+    #[arg(long)]
+    pub rslora: bool,
+    /// Also train on every row with A and B swapped (labels swapped), in the same step.
+    #[arg(long)]
+    pub swap_augment: bool,
+    /// Visit rows in file order instead of a seeded shuffle.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Recompute each layer in the backward pass (less memory); auto: on for hidden ≥ 2048.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub gradient_checkpointing: OnOff,
+    /// Save a resumable checkpoint every N optimiser steps (0: never).
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Continue from <out>.checkpoint if it exists.
+    #[arg(long)]
+    pub resume: bool,
+    /// Append one JSON line of metrics per step to this file.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// Resolve recipe and defaults into training options (explicit flags win).
+    pub fn options(&self) -> Result<crate::train::TrainOptions> {
+        let (max_len, lr, freeze, r, alpha, dropout, targets) = match self.recipe {
+            Some(Recipe::Gemma2_9b) => (1536, 8e-5, 2, 32, 64.0, 0.0, ALL_PROJECTIONS),
+            Some(Recipe::Llama31_8b) => (
+                1280,
+                1.2e-4,
+                2,
+                32,
+                32.0,
+                0.0,
+                "q_proj,k_proj,v_proj,o_proj",
+            ),
+            None => (1024, 2e-4, 0, 16, 32.0, 0.05, ALL_PROJECTIONS),
+        };
+        let targets: Vec<String> = self
+            .target_modules
+            .as_deref()
+            .unwrap_or(targets)
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let model_args = ModelArgs {
+            model: self.model.clone(),
+            adapter: self.init_adapter.clone(),
+            device: self.device,
+            dtype: None,
+            quant: self.quant,
+            double_quant: self.double_quant,
+            tokenizer: self.tokenizer.clone(),
+            format: self.format,
+            max_length: self.max_length.unwrap_or(max_len),
+            seed: self.seed,
+        };
+        let hidden = crate::models::read_config(&self.model)?
+            .get("hidden_size")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        let checkpointing = match self.gradient_checkpointing {
+            OnOff::On => true,
+            OnOff::Off => false,
+            OnOff::Auto => hidden >= 2048,
+        };
+        let lora_dropout = self.lora_dropout.unwrap_or(dropout);
+        if !(0.0..1.0).contains(&lora_dropout) {
+            return Err(Error::Usage(format!(
+                "--lora-dropout {lora_dropout} must be in [0, 1)"
+            )));
+        }
+        Ok(crate::train::TrainOptions {
+            load: model_args.load_options()?,
+            model: self.model.clone(),
+            data: self.data.clone(),
+            out: self.out.clone(),
+            tokenizer: self.tokenizer.clone(),
+            format: self.format,
+            max_length: model_args.max_length,
+            lora: crate::train::LoraOptions {
+                r: self.lora_r.unwrap_or(r),
+                alpha: self.lora_alpha.unwrap_or(alpha),
+                dropout: lora_dropout,
+                targets,
+                freeze_layers: self.freeze_layers.unwrap_or(freeze),
+                rslora: self.rslora,
+            },
+            hyper: crate::train::Hyper {
+                batch_size: self.batch_size,
+                grad_accum: self.grad_accum,
+                epochs: self.epochs,
+                lr: self.lr.unwrap_or(lr),
+                weight_decay: self.weight_decay,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                scheduler: self.scheduler,
+                warmup_steps: self.warmup_steps,
+                max_grad_norm: self.max_grad_norm,
+                label_smoothing: self.label_smoothing,
+                shuffle: !self.no_shuffle,
+                seed: self.seed,
+                swap_augment: self.swap_augment,
+                lora_dropout: lora_dropout as f32,
+                checkpointing,
+            },
+            eval_data: self.eval_data.clone(),
+            eval_every: self.eval_every,
+            checkpoint_every: self.checkpoint_every,
+            resume: self.resume,
+            log_file: self.log_file.clone(),
+            progress: !self.quiet,
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -206,6 +425,23 @@ pub fn run(cli: Cli) -> Result<()> {
             .map_err(|e| Error::Msg(format!("--threads: {e}")))?;
     }
     match cli.command {
+        Command::Train(a) => {
+            let opts = a.options()?;
+            let r = crate::train::run(&opts)?;
+            if let Some(last) = r.steps.last() {
+                eprintln!(
+                    "trained {} steps: last loss {:.4}, {:.0} tokens/s",
+                    r.steps.len(),
+                    last.loss,
+                    r.tokens_per_second
+                );
+            }
+            if let Some(l) = r.eval_log_loss {
+                eprintln!("eval log loss {l:.5}");
+            }
+            println!("{}", r.out.display());
+            Ok(())
+        }
         Command::Infer(a) => {
             let opts = InferOptions {
                 load: a.model.load_options()?,

@@ -444,7 +444,11 @@ impl AdapterSpec {
 
     /// The LoRA scale this configuration gives every module.
     pub fn scale(&self) -> f32 {
-        (if self.use_rslora { self.lora_alpha / (self.r as f64).sqrt() } else { self.lora_alpha / self.r as f64 }) as f32
+        (if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }) as f32
     }
 }
 
@@ -457,8 +461,14 @@ pub fn write_adapter(dir: &Path, spec: &AdapterSpec, tensors: &[(String, Tensor)
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let name = dir.file_name().ok_or_else(|| Error::Usage(format!("{}: not a directory path", dir.display())))?;
-    let staging = parent.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("{}: not a directory path", dir.display())))?;
+    let staging = parent.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     let result = (|| -> Result<()> {
@@ -468,18 +478,33 @@ pub fn write_adapter(dir: &Path, spec: &AdapterSpec, tensors: &[(String, Tensor)
             .iter()
             .map(|(k, t)| {
                 let t = t.to_cpu()?.to_dtype(DType::F32)?;
-                Ok((k.clone(), DType::F32, t.shape().to_vec(), t.cpu_storage()?.as_bytes().to_vec()))
+                Ok((
+                    k.clone(),
+                    DType::F32,
+                    t.shape().to_vec(),
+                    t.cpu_storage()?.as_bytes().to_vec(),
+                ))
             })
             .collect::<Result<_>>()?;
-        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        crate::weights::save_safetensors(&staging.join("adapter_model.safetensors"), &entries, Some(meta))
+        let meta = [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
+        crate::weights::save_safetensors(
+            &staging.join("adapter_model.safetensors"),
+            &entries,
+            Some(meta),
+        )
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
     }
     if dir.exists() {
-        let old = parent.join(format!(".{}.old{}", name.to_string_lossy(), std::process::id()));
+        let old = parent.join(format!(
+            ".{}.old{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
         std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
         let _ = std::fs::remove_dir_all(&old);
@@ -491,10 +516,18 @@ pub fn write_adapter(dir: &Path, spec: &AdapterSpec, tensors: &[(String, Tensor)
 
 /// Fresh LoRA factors as PEFT initialises them: `A` kaiming-uniform with a = √5, i.e.
 /// U(−1/√in, 1/√in); `B` zero.
-pub fn init_lora(r: usize, inp: usize, out: usize, scale: f32, rng: &mut impl rand::Rng) -> Result<crate::ops::linear::Lora> {
+pub fn init_lora(
+    r: usize,
+    inp: usize,
+    out: usize,
+    scale: f32,
+    rng: &mut impl rand::Rng,
+) -> Result<crate::ops::linear::Lora> {
     use rand::RngExt;
     let bound = 1.0 / (inp as f32).sqrt();
-    let a: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-bound..bound)).collect();
+    let a: Vec<f32> = (0..r * inp)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
     Ok(crate::ops::linear::Lora {
         a: Tensor::from_f32(a, &[r, inp])?,
         b: Tensor::from_f32(vec![0.0; out * r], &[out, r])?,

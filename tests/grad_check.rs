@@ -27,26 +27,43 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 /// Check d/dε of Σ c ⊙ f(inputs + ε·dirs) against the backward pass. `f` builds the op on a
 /// graph from leaf inputs; `params` are trainable tensors among `inputs` (their gradients come
 /// from ParamGrads rather than from leaves).
-fn check(name: &str, inputs: Vec<Tensor>, param_idx: &[usize], f: &dyn for<'a> Fn(&mut Graph<'a>, &[Var], &[Tensor]) -> Var) {
+fn check(
+    name: &str,
+    inputs: Vec<Tensor>,
+    param_idx: &[usize],
+    f: &dyn for<'a> Fn(&mut Graph<'a>, &[Var], &[Tensor]) -> Var,
+) {
     let out = {
         let mut g = Graph::inference();
         let vars: Vec<Var> = inputs.iter().map(|x| g.constant(x.clone())).collect();
         f(&mut g, &vars, &inputs).into_tensor()
     };
     let c = common::rand_vec(out.elem_count(), 99, 1.0);
-    let dirs: Vec<Vec<f32>> = inputs.iter().enumerate().map(|(i, x)| common::rand_vec(x.elem_count(), 1000 + i as u64, 1.0)).collect();
+    let dirs: Vec<Vec<f32>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| common::rand_vec(x.elem_count(), 1000 + i as u64, 1.0))
+        .collect();
     // Analytic.
     let params: Vec<&Tensor> = param_idx.iter().map(|&i| &inputs[i]).collect();
     let mut g = Graph::training(&params, false, 0.0, 1);
     let vars: Vec<Var> = inputs
         .iter()
         .enumerate()
-        .map(|(i, x)| if param_idx.contains(&i) { g.constant(x.clone()) } else { g.leaf(x.clone()) })
+        .map(|(i, x)| {
+            if param_idx.contains(&i) {
+                g.constant(x.clone())
+            } else {
+                g.leaf(x.clone())
+            }
+        })
         .collect();
     let y = f(&mut g, &vars, &inputs);
     let mut pg = ParamGrads::new(params.len());
     let wrt: Vec<&Var> = vars.iter().collect();
-    let leaf_grads = g.backward(&y, t(c.clone(), y.tensor().shape()), &mut pg, &wrt).unwrap();
+    let leaf_grads = g
+        .backward(&y, t(c.clone(), y.tensor().shape()), &mut pg, &wrt)
+        .unwrap();
     let param_grads = pg.into_grads();
     let mut analytic = 0f64;
     for (i, d) in dirs.iter().enumerate() {
@@ -64,16 +81,35 @@ fn check(name: &str, inputs: Vec<Tensor>, param_idx: &[usize], f: &dyn for<'a> F
         let shifted: Vec<Tensor> = inputs
             .iter()
             .zip(&dirs)
-            .map(|(x, d)| t(x.to_f32_vec().unwrap().iter().zip(d).map(|(a, b)| a + sign * eps * b).collect(), x.shape()))
+            .map(|(x, d)| {
+                t(
+                    x.to_f32_vec()
+                        .unwrap()
+                        .iter()
+                        .zip(d)
+                        .map(|(a, b)| a + sign * eps * b)
+                        .collect(),
+                    x.shape(),
+                )
+            })
             .collect();
         let mut g = Graph::inference();
         let vars: Vec<Var> = shifted.iter().map(|x| g.constant(x.clone())).collect();
-        dot(&f(&mut g, &vars, &shifted).into_tensor().to_f32_vec().unwrap(), &c)
+        dot(
+            &f(&mut g, &vars, &shifted)
+                .into_tensor()
+                .to_f32_vec()
+                .unwrap(),
+            &c,
+        )
     };
     let numeric = (eval(1.0) - eval(-1.0)) / (2.0 * eps as f64);
     let rel = (analytic - numeric).abs() / numeric.abs().max(1e-3);
     println!("{name}: analytic {analytic:.6}, numeric {numeric:.6}, rel {rel:.1e}");
-    assert!(rel < 2e-3, "{name}: analytic {analytic} vs numeric {numeric} (rel {rel:e})");
+    assert!(
+        rel < 2e-3,
+        "{name}: analytic {analytic} vs numeric {numeric} (rel {rel:e})"
+    );
 }
 
 fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -83,18 +119,39 @@ fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 #[test]
 fn linear_with_lora_and_trainable_weight() {
     let (tk, k, n, r) = (5usize, 12usize, 7usize, 3usize);
-    let inputs = vec![t(rnd(tk * k, 1, 1.0), &[tk, k]), t(rnd(r * k, 2, 0.5), &[r, k]), t(rnd(n * r, 3, 0.5), &[n, r])];
+    let inputs = vec![
+        t(rnd(tk * k, 1, 1.0), &[tk, k]),
+        t(rnd(r * k, 2, 0.5), &[r, k]),
+        t(rnd(n * r, 3, 0.5), &[n, r]),
+    ];
     let w = t(rnd(n * k, 4, 0.5), &[n, k]);
     // LoRA A, B are parameters; the base weight is frozen (not perturbed).
     check("linear+lora", inputs.clone(), &[1, 2], &|g, v, raw| {
-        let layer = Box::leak(Box::new(Linear::new(BaseWeight::Dense(w.clone()), Some(Lora { a: raw[1].clone(), b: raw[2].clone(), scale: 1.7 })).unwrap()));
+        let layer = Box::leak(Box::new(
+            Linear::new(
+                BaseWeight::Dense(w.clone()),
+                Some(Lora {
+                    a: raw[1].clone(),
+                    b: raw[2].clone(),
+                    scale: 1.7,
+                }),
+            )
+            .unwrap(),
+        ));
         g.linear(&v[0], layer).unwrap()
     });
     // A trainable dense weight (the score head) gets dW.
-    check("linear trainable weight", vec![inputs[0].clone(), w.clone()], &[1], &|g, v, raw| {
-        let layer = Box::leak(Box::new(Linear::new(BaseWeight::Dense(raw[1].clone()), None).unwrap()));
-        g.linear(&v[0], layer).unwrap()
-    });
+    check(
+        "linear trainable weight",
+        vec![inputs[0].clone(), w.clone()],
+        &[1],
+        &|g, v, raw| {
+            let layer = Box::leak(Box::new(
+                Linear::new(BaseWeight::Dense(raw[1].clone()), None).unwrap(),
+            ));
+            g.linear(&v[0], layer).unwrap()
+        },
+    );
 }
 
 #[test]
@@ -103,7 +160,11 @@ fn rms_norm_both_gains() {
         let inputs = vec![t(rnd(4 * 9, 5, 2.0), &[4, 9])];
         let w = t(rnd(9, 6, 0.5), &[9]);
         check(&format!("rms_norm {kind:?}"), inputs, &[], &|g, v, _| {
-            let norm = Box::leak(Box::new(RmsNorm { weight: w.clone(), eps: 1e-6, kind }));
+            let norm = Box::leak(Box::new(RmsNorm {
+                weight: w.clone(),
+                eps: 1e-6,
+                kind,
+            }));
             g.rms_norm(&v[0], norm).unwrap()
         });
     }
@@ -113,36 +174,77 @@ fn rms_norm_both_gains() {
 fn rope_attention_and_gathers() {
     let layout = SeqLayout::from_lens(&[5, 1, 9]);
     let (tk, nh, nkv, d) = (15usize, 4usize, 2usize, 6usize);
-    let table = RopeTable::new(&layout.positions(), &default_inv_freq(d, 10000.0), engine::tensor::Device::Cpu).unwrap();
-    check("rope", vec![t(rnd(tk * nh * d, 7, 1.0), &[tk, nh * d])], &[], &|g, v, _| g.rope(&v[0], &table, d).unwrap());
-    for (softcap, window) in [(None, None), (Some(0.7f32), Some(3usize)), (Some(5.0), None)] {
-        let p = AttentionParams { n_heads: nh, n_kv_heads: nkv, head_dim: d, scale: 0.6, softcap, window };
+    let table = RopeTable::new(
+        &layout.positions(),
+        &default_inv_freq(d, 10000.0),
+        engine::tensor::Device::Cpu,
+    )
+    .unwrap();
+    check(
+        "rope",
+        vec![t(rnd(tk * nh * d, 7, 1.0), &[tk, nh * d])],
+        &[],
+        &|g, v, _| g.rope(&v[0], &table, d).unwrap(),
+    );
+    for (softcap, window) in [
+        (None, None),
+        (Some(0.7f32), Some(3usize)),
+        (Some(5.0), None),
+    ] {
+        let p = AttentionParams {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: d,
+            scale: 0.6,
+            softcap,
+            window,
+        };
         let inputs = vec![
             t(rnd(tk * nh * d, 8, 1.0), &[tk, nh * d]),
             t(rnd(tk * nkv * d, 9, 1.0), &[tk, nkv * d]),
             t(rnd(tk * nkv * d, 10, 1.0), &[tk, nkv * d]),
         ];
         let layout = layout.clone();
-        check(&format!("attention softcap {softcap:?} window {window:?}"), inputs, &[], &move |g, v, _| {
-            g.attention(&v[0], &v[1], &v[2], &layout, &p).unwrap()
-        });
+        check(
+            &format!("attention softcap {softcap:?} window {window:?}"),
+            inputs,
+            &[],
+            &move |g, v, _| g.attention(&v[0], &v[1], &v[2], &layout, &p).unwrap(),
+        );
     }
-    check("gather_rows", vec![t(rnd(6 * 4, 11, 1.0), &[6, 4])], &[], &|g, v, _| g.gather_rows(&v[0], &[5, 0, 5]).unwrap());
-    check("add", vec![t(rnd(12, 12, 1.0), &[3, 4]), t(rnd(12, 13, 1.0), &[3, 4])], &[], &|g, v, _| g.add(&v[0], &v[1]).unwrap());
+    check(
+        "gather_rows",
+        vec![t(rnd(6 * 4, 11, 1.0), &[6, 4])],
+        &[],
+        &|g, v, _| g.gather_rows(&v[0], &[5, 0, 5]).unwrap(),
+    );
+    check(
+        "add",
+        vec![t(rnd(12, 12, 1.0), &[3, 4]), t(rnd(12, 13, 1.0), &[3, 4])],
+        &[],
+        &|g, v, _| g.add(&v[0], &v[1]).unwrap(),
+    );
 }
 
 #[test]
 fn gated_activations() {
     for act in [Gate::GeluTanh, Gate::Silu] {
         let inputs = vec![t(rnd(30, 14, 3.0), &[5, 6]), t(rnd(30, 15, 1.0), &[5, 6])];
-        check(&format!("{act:?}"), inputs, &[], &|g, v, _| g.gated(&v[0], &v[1], act).unwrap());
+        check(&format!("{act:?}"), inputs, &[], &|g, v, _| {
+            g.gated(&v[0], &v[1], act).unwrap()
+        });
     }
 }
 
 #[test]
 fn cross_entropy_with_soft_targets_and_smoothing() {
     let logits = rnd(12, 16, 3.0);
-    let targets = [[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0], [0.6, 0.4, 0.0]];
+    let targets = [
+        [1.0, 0.0, 0.0],
+        [0.2, 0.5, 0.3],
+        [0.0, 0.0, 1.0],
+        [0.6, 0.4, 0.0],
+    ];
     for ls in [0.0, 0.1] {
         let (_, grad) = cross_entropy(&t(logits.clone(), &[4, 3]), &targets, ls).unwrap();
         let grad = grad.to_f32_vec().unwrap();
@@ -156,7 +258,11 @@ fn cross_entropy_with_soft_targets_and_smoothing() {
             let la = cross_entropy(&t(a, &[4, 3]), &targets, ls).unwrap().0;
             let lb = cross_entropy(&t(b, &[4, 3]), &targets, ls).unwrap().0;
             let num = (la - lb) / step;
-            assert!((num - grad[i] as f64).abs() < 1e-4, "dlogit {i} (ls {ls}): {} vs {num}", grad[i]);
+            assert!(
+                (num - grad[i] as f64).abs() < 1e-4,
+                "dlogit {i} (ls {ls}): {} vs {num}",
+                grad[i]
+            );
         }
     }
 }

@@ -25,13 +25,25 @@ fn vals(ck: &Checkpoint, name: &str) -> Vec<f32> {
 #[test]
 fn training_steps_and_final_adapters_match_the_reference() {
     let fx = common::fixtures();
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(fx.join("train_parity.json")).unwrap()).unwrap();
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("train_parity.json")).unwrap())
+            .unwrap();
     for case in doc["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let hp = &case["hyper"];
-        let quant = if case["quant"] == "nf4" { Quant::Nf4 { double_quant: false } } else { Quant::None };
+        let quant = if case["quant"] == "nf4" {
+            Quant::Nf4 {
+                double_quant: false,
+            }
+        } else {
+            Quant::None
+        };
         let init = fx.join(case["init_adapter"].as_str().unwrap());
-        let opts = LoadOptions { adapter: Some(init.clone()), quant, ..LoadOptions::default() };
+        let opts = LoadOptions {
+            adapter: Some(init.clone()),
+            quant,
+            ..LoadOptions::default()
+        };
         let model = models::load(&fx.join(case["model"].as_str().unwrap()), &opts).unwrap();
         let hyper = Hyper {
             batch_size: hp["batch_size"].as_u64().unwrap() as usize,
@@ -71,16 +83,45 @@ fn training_steps_and_final_adapters_match_the_reference() {
         let want = case["steps"].as_array().unwrap();
         assert_eq!(steps.len(), want.len(), "{name}: number of steps");
         for (s, w) in steps.iter().zip(want) {
-            let (wl, wn, wlr) = (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap(), w["lr"].as_f64().unwrap());
-            println!("{name} step {}: loss {:.8} (ref {wl:.8}), grad norm {:.6} (ref {wn:.6}), lr {}", s.step, s.loss, s.grad_norm, s.lr);
-            assert!((s.loss - wl).abs() <= 1e-4 * wl.abs().max(1.0), "{name} step {}: loss {} vs {wl}", s.step, s.loss);
-            assert!((s.grad_norm - wn).abs() <= 1e-3 * wn, "{name} step {}: grad norm {} vs {wn}", s.step, s.grad_norm);
-            assert!((s.lr - wlr).abs() <= 1e-12, "{name} step {}: lr {} vs {wlr}", s.step, s.lr);
+            let (wl, wn, wlr) = (
+                w["loss"].as_f64().unwrap(),
+                w["grad_norm"].as_f64().unwrap(),
+                w["lr"].as_f64().unwrap(),
+            );
+            println!(
+                "{name} step {}: loss {:.8} (ref {wl:.8}), grad norm {:.6} (ref {wn:.6}), lr {}",
+                s.step, s.loss, s.grad_norm, s.lr
+            );
+            assert!(
+                (s.loss - wl).abs() <= 1e-4 * wl.abs().max(1.0),
+                "{name} step {}: loss {} vs {wl}",
+                s.step,
+                s.loss
+            );
+            assert!(
+                (s.grad_norm - wn).abs() <= 1e-3 * wn,
+                "{name} step {}: grad norm {} vs {wn}",
+                s.step,
+                s.grad_norm
+            );
+            assert!(
+                (s.lr - wlr).abs() <= 1e-12,
+                "{name} step {}: lr {} vs {wlr}",
+                s.step,
+                s.lr
+            );
         }
-        let (ck_init, ck_ref) = (tensors(&init), tensors(&fx.join(case["final_adapter"].as_str().unwrap())));
+        let (ck_init, ck_ref) = (
+            tensors(&init),
+            tensors(&fx.join(case["final_adapter"].as_str().unwrap())),
+        );
         let mut worst = (0f64, String::new());
         for (key, t) in trainer.adapter_tensors() {
-            let (ours, init_v, want) = (t.to_f32_vec().unwrap(), vals(&ck_init, &key), vals(&ck_ref, &key));
+            let (ours, init_v, want) = (
+                t.to_f32_vec().unwrap(),
+                vals(&ck_init, &key),
+                vals(&ck_ref, &key),
+            );
             let (mut diff, mut norm) = (0f64, 0f64);
             for i in 0..ours.len() {
                 let du = (ours[i] - init_v[i]) as f64;
@@ -93,7 +134,15 @@ fn training_steps_and_final_adapters_match_the_reference() {
                 worst = (rel, key.clone());
             }
         }
-        println!("{name}: worst relative update error {:.2e} ({})", worst.0, worst.1);
-        assert!(worst.0 < 1e-3, "{name}: update of {} off by {:.2e}", worst.1, worst.0);
+        println!(
+            "{name}: worst relative update error {:.2e} ({})",
+            worst.0, worst.1
+        );
+        assert!(
+            worst.0 < 1e-3,
+            "{name}: update of {} off by {:.2e}",
+            worst.1,
+            worst.0
+        );
     }
 }

@@ -63,7 +63,9 @@ pub struct ParamGrads {
 
 impl ParamGrads {
     pub fn new(count: usize) -> Self {
-        ParamGrads { grads: vec![None; count] }
+        ParamGrads {
+            grads: vec![None; count],
+        }
     }
 
     fn accumulate(&mut self, i: usize, g: Tensor) -> Result<()> {
@@ -108,16 +110,29 @@ pub struct Graph<'a> {
 impl<'a> Graph<'a> {
     /// A graph that records nothing (inference).
     pub fn inference() -> Self {
-        Graph { train: None, record: false, rng: rand_chacha::ChaCha8Rng::seed_from_u64(0), nodes: Vec::new() }
+        Graph {
+            train: None,
+            record: false,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(0),
+            nodes: Vec::new(),
+        }
     }
 
     /// A recording graph for one training forward/backward pass. `params` are this step's
     /// trainable tensors (as registered in the [`ParamGrads`] the backward pass fills);
     /// `seed` drives the LoRA dropout masks.
     pub fn training(params: &[&Tensor], checkpointing: bool, lora_dropout: f32, seed: u64) -> Self {
-        let map = params.iter().enumerate().map(|(i, t)| (t.id(), i)).collect();
+        let map = params
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id(), i))
+            .collect();
         Graph {
-            train: Some(TrainConfig { params: Rc::new(map), checkpointing, lora_dropout }),
+            train: Some(TrainConfig {
+                params: Rc::new(map),
+                checkpointing,
+                lora_dropout,
+            }),
             record: true,
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
             nodes: Vec::new(),
@@ -125,7 +140,12 @@ impl<'a> Graph<'a> {
     }
 
     fn sub_graph(train: TrainConfig, record: bool, seed: u64) -> Self {
-        Graph { train: Some(train), record, rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed), nodes: Vec::new() }
+        Graph {
+            train: Some(train),
+            record,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            nodes: Vec::new(),
+        }
     }
 
     /// Number of recorded nodes (for tests and memory accounting).
@@ -148,13 +168,19 @@ impl<'a> Graph<'a> {
         Var { t, node }
     }
 
-    fn push(&mut self, inputs: Vec<Option<usize>>, backward: Option<Backward<'a>>) -> Option<usize> {
+    fn push(
+        &mut self,
+        inputs: Vec<Option<usize>>,
+        backward: Option<Backward<'a>>,
+    ) -> Option<usize> {
         self.nodes.push(Node { inputs, backward });
         Some(self.nodes.len() - 1)
     }
 
     fn param(&self, t: &Tensor) -> Option<usize> {
-        self.train.as_ref().and_then(|c| c.params.get(&t.id()).copied())
+        self.train
+            .as_ref()
+            .and_then(|c| c.params.get(&t.id()).copied())
     }
 
     /// Embedding lookup (the table is frozen: no node).
@@ -166,7 +192,10 @@ impl<'a> Graph<'a> {
     /// when they are registered parameters. With LoRA dropout, the LoRA path sees
     /// `x ⊙ mask / (1 − p)`.
     pub fn linear(&mut self, x: &Var, layer: &'a Linear) -> Result<Var> {
-        let lora_ids = layer.lora.as_ref().and_then(|l| Some((self.param(&l.a)?, self.param(&l.b)?)));
+        let lora_ids = layer
+            .lora
+            .as_ref()
+            .and_then(|l| Some((self.param(&l.a)?, self.param(&l.b)?)));
         let weight_id = match &layer.weight {
             crate::ops::linear::BaseWeight::Dense(w) => self.param(w),
             _ => None,
@@ -219,7 +248,9 @@ impl<'a> Graph<'a> {
         let xt = x.t.clone();
         let node = self.push(
             vec![x.node],
-            Some(Box::new(move |dy, _| Ok(vec![Some(rms_norm_backward(&xt, &dy, norm)?)]))),
+            Some(Box::new(move |dy, _| {
+                Ok(vec![Some(rms_norm_backward(&xt, &dy, norm)?)])
+            })),
         );
         Ok(Var { t: y, node })
     }
@@ -229,12 +260,21 @@ impl<'a> Graph<'a> {
         if !self.record || (a.node.is_none() && b.node.is_none()) {
             return Ok(Var { t: y, node: None });
         }
-        let node = self.push(vec![a.node, b.node], Some(Box::new(|dy, _| Ok(vec![Some(dy.clone()), Some(dy)]))));
+        let node = self.push(
+            vec![a.node, b.node],
+            Some(Box::new(|dy, _| Ok(vec![Some(dy.clone()), Some(dy)]))),
+        );
         Ok(Var { t: y, node })
     }
 
     /// `s = x + post(a)`, `y = pre(s)`: one fused op when nothing records, else its pieces.
-    pub fn norm_add_norm(&mut self, x: &Var, a: &Var, post: &'a RmsNorm, pre: &'a RmsNorm) -> Result<(Var, Var)> {
+    pub fn norm_add_norm(
+        &mut self,
+        x: &Var,
+        a: &Var,
+        post: &'a RmsNorm,
+        pre: &'a RmsNorm,
+    ) -> Result<(Var, Var)> {
         if !self.record {
             let (s, y) = norm_add_norm(&x.t, &a.t, post, pre)?;
             return Ok((self.constant(s), self.constant(y)));
@@ -264,12 +304,21 @@ impl<'a> Graph<'a> {
         let table = table.clone();
         let node = self.push(
             vec![x.node],
-            Some(Box::new(move |dy, _| Ok(vec![Some(rope::apply_backward(&dy, &table, head_dim)?)]))),
+            Some(Box::new(move |dy, _| {
+                Ok(vec![Some(rope::apply_backward(&dy, &table, head_dim)?)])
+            })),
         );
         Ok(Var { t: y, node })
     }
 
-    pub fn attention(&mut self, q: &Var, k: &Var, v: &Var, layout: &SeqLayout, p: &AttentionParams) -> Result<Var> {
+    pub fn attention(
+        &mut self,
+        q: &Var,
+        k: &Var,
+        v: &Var,
+        layout: &SeqLayout,
+        p: &AttentionParams,
+    ) -> Result<Var> {
         let y = attention(&q.t, &k.t, &v.t, layout, p)?;
         if !self.record || (q.node.is_none() && k.node.is_none() && v.node.is_none()) {
             return Ok(Var { t: y, node: None });
@@ -309,7 +358,9 @@ impl<'a> Graph<'a> {
         let (idx, rows) = (idx.to_vec(), x.t.shape()[0]);
         let node = self.push(
             vec![x.node],
-            Some(Box::new(move |dy, _| Ok(vec![Some(gather_rows_backward(&dy, &idx, rows)?)]))),
+            Some(Box::new(move |dy, _| {
+                Ok(vec![Some(gather_rows_backward(&dy, &idx, rows)?)])
+            })),
         );
         Ok(Var { t: y, node })
     }
@@ -317,7 +368,11 @@ impl<'a> Graph<'a> {
     /// Run `f` on `x` as one checkpointed unit when training with checkpointing: the first
     /// pass records nothing and keeps only `x`; the backward pass recomputes `f` (same dropout
     /// masks) on a sub-tape and back-propagates through it. Otherwise `f` runs on this graph.
-    pub fn checkpoint(&mut self, x: &Var, f: impl Fn(&mut Graph<'a>, &Var) -> Result<Var> + 'a) -> Result<Var> {
+    pub fn checkpoint(
+        &mut self,
+        x: &Var,
+        f: impl Fn(&mut Graph<'a>, &Var) -> Result<Var> + 'a,
+    ) -> Result<Var> {
         let train = match &self.train {
             Some(t) if self.record && t.checkpointing => t.clone(),
             _ => return f(self, x),
@@ -343,12 +398,26 @@ impl<'a> Graph<'a> {
     /// Back-propagate `grad` (the gradient of the loss with respect to `root`) through the
     /// tape, accumulating parameter gradients into `params`; returns the gradients reaching
     /// each of `wrt` (leaves of this graph).
-    pub fn backward(&mut self, root: &Var, grad: Tensor, params: &mut ParamGrads, wrt: &[&Var]) -> Result<Vec<Option<Tensor>>> {
+    pub fn backward(
+        &mut self,
+        root: &Var,
+        grad: Tensor,
+        params: &mut ParamGrads,
+        wrt: &[&Var],
+    ) -> Result<Vec<Option<Tensor>>> {
         let Some(r) = root.node else {
-            bail!(Shape, "backward: the loss does not depend on any trainable parameter");
+            bail!(
+                Shape,
+                "backward: the loss does not depend on any trainable parameter"
+            );
         };
         if grad.shape() != root.t.shape() {
-            bail!(Shape, "backward: gradient {:?} for a value of shape {:?}", grad.shape(), root.t.shape());
+            bail!(
+                Shape,
+                "backward: gradient {:?} for a value of shape {:?}",
+                grad.shape(),
+                root.t.shape()
+            );
         }
         let mut grads: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
         grads[r] = Some(grad);
@@ -361,7 +430,9 @@ impl<'a> Graph<'a> {
                 }
             }
             let node = &mut self.nodes[i];
-            let Some(bw) = node.backward.take() else { continue };
+            let Some(bw) = node.backward.take() else {
+                continue;
+            };
             let inputs = std::mem::take(&mut node.inputs);
             let gs = bw(g, params)?;
             for (inp, gi) in inputs.into_iter().zip(gs) {
@@ -381,7 +452,15 @@ impl<'a> Graph<'a> {
 fn dropout_mask(rng: &mut rand_chacha::ChaCha8Rng, x: &Tensor, p: f32) -> Result<(Tensor, Tensor)> {
     let keep = 1.0 - p;
     let scale = 1.0 / keep;
-    let m: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { scale } else { 0.0 }).collect();
+    let m: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.random::<f32>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
     let mask = Tensor::from_f32(m, x.shape())?.to_device(x.device())?;
     Ok((mul(x, &mask)?, mask))
 }

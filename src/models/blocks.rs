@@ -34,7 +34,13 @@ pub(crate) struct AttentionBlock {
 
 impl AttentionBlock {
     /// Load `layers.{i}.self_attn.*` (`prefix` = `layers.{i}`).
-    pub fn load(w: &mut WeightLoader<'_>, prefix: &str, hidden: usize, params: AttentionParams, rope: usize) -> Result<Self> {
+    pub fn load(
+        w: &mut WeightLoader<'_>,
+        prefix: &str,
+        hidden: usize,
+        params: AttentionParams,
+        rope: usize,
+    ) -> Result<Self> {
         let (nh, nkv, hd) = (params.n_heads, params.n_kv_heads, params.head_dim);
         Ok(AttentionBlock {
             q: w.projection(&format!("{prefix}.self_attn.q_proj"), nh * hd, hidden)?,
@@ -60,11 +66,21 @@ impl AttentionBlock {
     }
 
     pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
-        [("self_attn.q_proj", &mut self.q), ("self_attn.k_proj", &mut self.k), ("self_attn.v_proj", &mut self.v), ("self_attn.o_proj", &mut self.o)]
+        [
+            ("self_attn.q_proj", &mut self.q),
+            ("self_attn.k_proj", &mut self.k),
+            ("self_attn.v_proj", &mut self.v),
+            ("self_attn.o_proj", &mut self.o),
+        ]
     }
 
     pub fn linears(&self) -> [(&'static str, &Linear); 4] {
-        [("self_attn.q_proj", &self.q), ("self_attn.k_proj", &self.k), ("self_attn.v_proj", &self.v), ("self_attn.o_proj", &self.o)]
+        [
+            ("self_attn.q_proj", &self.q),
+            ("self_attn.k_proj", &self.k),
+            ("self_attn.v_proj", &self.v),
+            ("self_attn.o_proj", &self.o),
+        ]
     }
 }
 
@@ -78,7 +94,13 @@ pub(crate) struct MlpBlock {
 
 impl MlpBlock {
     /// Load `layers.{i}.mlp.*` (`prefix` = `layers.{i}`).
-    pub fn load(w: &mut WeightLoader<'_>, prefix: &str, hidden: usize, intermediate: usize, act: Gate) -> Result<Self> {
+    pub fn load(
+        w: &mut WeightLoader<'_>,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+        act: Gate,
+    ) -> Result<Self> {
         Ok(MlpBlock {
             gate: w.projection(&format!("{prefix}.mlp.gate_proj"), intermediate, hidden)?,
             up: w.projection(&format!("{prefix}.mlp.up_proj"), intermediate, hidden)?,
@@ -95,17 +117,35 @@ impl MlpBlock {
     }
 
     pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 3] {
-        [("mlp.gate_proj", &mut self.gate), ("mlp.up_proj", &mut self.up), ("mlp.down_proj", &mut self.down)]
+        [
+            ("mlp.gate_proj", &mut self.gate),
+            ("mlp.up_proj", &mut self.up),
+            ("mlp.down_proj", &mut self.down),
+        ]
     }
 
     pub fn linears(&self) -> [(&'static str, &Linear); 3] {
-        [("mlp.gate_proj", &self.gate), ("mlp.up_proj", &self.up), ("mlp.down_proj", &self.down)]
+        [
+            ("mlp.gate_proj", &self.gate),
+            ("mlp.up_proj", &self.up),
+            ("mlp.down_proj", &self.down),
+        ]
     }
 }
 
 /// Build the per-pass context.
-pub(crate) fn layer_ctx(layout: &SeqLayout, inv_freqs: &[Vec<f32>], device: crate::tensor::Device) -> Result<Rc<LayerCtx>> {
+pub(crate) fn layer_ctx(
+    layout: &SeqLayout,
+    inv_freqs: &[Vec<f32>],
+    device: crate::tensor::Device,
+) -> Result<Rc<LayerCtx>> {
     let positions = layout.positions();
-    let ropes = inv_freqs.iter().map(|f| RopeTable::new(&positions, f, device)).collect::<Result<Vec<_>>>()?;
-    Ok(Rc::new(LayerCtx { layout: layout.clone(), ropes }))
+    let ropes = inv_freqs
+        .iter()
+        .map(|f| RopeTable::new(&positions, f, device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Rc::new(LayerCtx {
+        layout: layout.clone(),
+        ropes,
+    }))
 }

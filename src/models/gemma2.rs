@@ -13,15 +13,15 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::autograd::{Graph, Var};
 use crate::bail;
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::lora::Adapter;
+use crate::models::blocks::{AttentionBlock, LayerCtx, MlpBlock, layer_ctx};
 use crate::models::{
     LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config, round_to,
 };
-use crate::autograd::{Graph, Var};
-use crate::models::blocks::{AttentionBlock, LayerCtx, MlpBlock, layer_ctx};
 use crate::ops::activation::Gate;
 use crate::ops::attention::AttentionParams;
 use crate::ops::linear::Linear;
@@ -189,7 +189,10 @@ impl Gemma2 {
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let eps = cfg.rms_norm_eps as f32;
         let act = Gate::from_name(&cfg.hidden_activation)?;
-        let specs = [RopeSpec::parse(raw, "full_attention", 10000.0)?, RopeSpec::parse(raw, "sliding_attention", 10000.0)?];
+        let specs = [
+            RopeSpec::parse(raw, "full_attention", 10000.0)?,
+            RopeSpec::parse(raw, "sliding_attention", 10000.0)?,
+        ];
         let inv_freqs: Vec<Vec<f32>> = specs.iter().map(|s| s.inv_freq(hd)).collect();
         // Computed in f64 and rounded once, as Python's `query_pre_attn_scalar**-0.5` is.
         let scale = cfg.query_pre_attn_scalar.powf(-0.5) as f32;
@@ -234,11 +237,25 @@ impl Gemma2 {
         // transformers multiplies by sqrt(hidden) cast to the activation dtype (rounded in bf16).
         let dtype = w.dtype;
         let embed_scale = round_to(dtype, (h as f64).sqrt() as f32);
-        Ok(Gemma2 { config: cfg, info, embed, embed_scale, dtype, layers, norm, score, inv_freqs })
+        Ok(Gemma2 {
+            config: cfg,
+            info,
+            embed,
+            embed_scale,
+            dtype,
+            layers,
+            norm,
+            score,
+            inv_freqs,
+        })
     }
 
     /// The forward pass on `g` (recording when training): class logits `[rows, 3]` (f32).
-    pub(crate) fn forward_graph<'a>(&'a self, g: &mut Graph<'a>, batch: &TokenBatch) -> Result<Var> {
+    pub(crate) fn forward_graph<'a>(
+        &'a self,
+        g: &mut Graph<'a>,
+        batch: &TokenBatch,
+    ) -> Result<Var> {
         let ctx = layer_ctx(&batch.layout, &self.inv_freqs, self.embed.device())?;
         let mut x = g.embed(&self.embed, &batch.ids, self.embed_scale, self.dtype)?;
         for layer in &self.layers {

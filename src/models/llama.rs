@@ -10,13 +10,13 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::autograd::{Graph, Var};
 use crate::bail;
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::lora::Adapter;
-use crate::models::{LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config};
-use crate::autograd::{Graph, Var};
 use crate::models::blocks::{AttentionBlock, LayerCtx, MlpBlock, layer_ctx};
+use crate::models::{LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config};
 use crate::ops::activation::Gate;
 use crate::ops::attention::AttentionParams;
 use crate::ops::linear::Linear;
@@ -166,7 +166,12 @@ impl Llama {
             layers.push(DecoderLayer {
                 input_norm: w.norm(&format!("{p}.input_layernorm"), h, eps, NormKind::Weight)?,
                 attn: AttentionBlock::load(&mut w, &p, h, params, 0)?,
-                post_attn_norm: w.norm(&format!("{p}.post_attention_layernorm"), h, eps, NormKind::Weight)?,
+                post_attn_norm: w.norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    eps,
+                    NormKind::Weight,
+                )?,
                 mlp: MlpBlock::load(&mut w, &p, h, cfg.intermediate_size, act)?,
             });
         }
@@ -184,12 +189,29 @@ impl Llama {
             score_source,
         };
         let dtype = w.dtype;
-        Ok(Llama { config: cfg, info, embed, dtype, layers, norm, score, inv_freq })
+        Ok(Llama {
+            config: cfg,
+            info,
+            embed,
+            dtype,
+            layers,
+            norm,
+            score,
+            inv_freq,
+        })
     }
 
     /// The forward pass on `g` (recording when training): class logits `[rows, 3]` (f32).
-    pub(crate) fn forward_graph<'a>(&'a self, g: &mut Graph<'a>, batch: &TokenBatch) -> Result<Var> {
-        let ctx = layer_ctx(&batch.layout, std::slice::from_ref(&self.inv_freq), self.embed.device())?;
+    pub(crate) fn forward_graph<'a>(
+        &'a self,
+        g: &mut Graph<'a>,
+        batch: &TokenBatch,
+    ) -> Result<Var> {
+        let ctx = layer_ctx(
+            &batch.layout,
+            std::slice::from_ref(&self.inv_freq),
+            self.embed.device(),
+        )?;
         let mut x = g.embed(&self.embed, &batch.ids, 1.0, self.dtype)?;
         for layer in &self.layers {
             let ctx = ctx.clone();

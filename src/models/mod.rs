@@ -16,8 +16,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use serde::Deserialize;
 
-use crate::bail;
 use crate::autograd::{Graph, Var};
+use crate::bail;
 use crate::data::batch::TokenBatch;
 use crate::error::{Error, Result};
 use crate::lora::Adapter;
@@ -134,8 +134,14 @@ impl Model {
         let mut out = Vec::new();
         for (module, l) in linears {
             if let Some(lora) = &l.lora {
-                out.push((format!("base_model.model.{module}.lora_A.weight"), lora.a.clone()));
-                out.push((format!("base_model.model.{module}.lora_B.weight"), lora.b.clone()));
+                out.push((
+                    format!("base_model.model.{module}.lora_A.weight"),
+                    lora.a.clone(),
+                ));
+                out.push((
+                    format!("base_model.model.{module}.lora_B.weight"),
+                    lora.b.clone(),
+                ));
             }
         }
         if let BaseWeight::Dense(w) = &score.weight {
@@ -148,9 +154,16 @@ impl Model {
     pub fn set_trainable(&mut self, values: Vec<Tensor>) -> Result<()> {
         let mut values = values.into_iter();
         let mut next = |like: &Tensor, what: &str| -> Result<Tensor> {
-            let v = values.next().ok_or_else(|| Error::Shape(format!("set_trainable: no value for {what}")))?;
+            let v = values
+                .next()
+                .ok_or_else(|| Error::Shape(format!("set_trainable: no value for {what}")))?;
             if v.shape() != like.shape() {
-                bail!(Shape, "set_trainable: {what} is {:?}, got {:?}", like.shape(), v.shape());
+                bail!(
+                    Shape,
+                    "set_trainable: {what} is {:?}, got {:?}",
+                    like.shape(),
+                    v.shape()
+                );
             }
             Ok(v)
         };

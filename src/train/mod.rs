@@ -103,11 +103,25 @@ impl Trainer {
     pub fn new(model: Model, hyper: Hyper) -> Result<Self> {
         let params = model.trainable();
         if params.is_empty() {
-            bail!(Usage, "nothing to train: the model has no LoRA layers and no score head");
+            bail!(
+                Usage,
+                "nothing to train: the model has no LoRA layers and no score head"
+            );
         }
         let sizes: Vec<usize> = params.iter().map(|(_, t)| t.elem_count()).collect();
-        let cfg = AdamWConfig { beta1: hyper.beta1, beta2: hyper.beta2, eps: hyper.eps, weight_decay: hyper.weight_decay };
-        Ok(Trainer { opt: AdamW::new(cfg, &sizes), names: params.into_iter().map(|(n, _)| n).collect(), model, hyper, pos: Position::default() })
+        let cfg = AdamWConfig {
+            beta1: hyper.beta1,
+            beta2: hyper.beta2,
+            eps: hyper.eps,
+            weight_decay: hyper.weight_decay,
+        };
+        Ok(Trainer {
+            opt: AdamW::new(cfg, &sizes),
+            names: params.into_iter().map(|(n, _)| n).collect(),
+            model,
+            hyper,
+            pos: Position::default(),
+        })
     }
 
     /// Micro-batches per epoch and optimiser steps per epoch for `n` examples.
@@ -125,7 +139,9 @@ impl Trainer {
     pub fn order(&self, n: usize, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..n).collect();
         if self.hyper.shuffle {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.hyper.seed.wrapping_add(epoch as u64 * 0x9e37_79b9));
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                self.hyper.seed.wrapping_add(epoch as u64 * 0x9e37_79b9),
+            );
             order.shuffle(&mut rng);
         }
         order
@@ -133,17 +149,29 @@ impl Trainer {
 
     /// Loss and trainable-parameter gradients of one micro-batch (gradients in
     /// [`Model::trainable`] order, zero where none flowed).
-    pub fn micro_batch(&self, rows: &[(&[u32], [f64; 3])], dropout_seed: u64) -> Result<(f64, Vec<Vec<f32>>, usize)> {
+    pub fn micro_batch(
+        &self,
+        rows: &[(&[u32], [f64; 3])],
+        dropout_seed: u64,
+    ) -> Result<(f64, Vec<Vec<f32>>, usize)> {
         let params = self.model.trainable();
         let refs: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
-        let mut g = Graph::training(&refs, self.hyper.checkpointing, self.hyper.lora_dropout, dropout_seed);
+        let mut g = Graph::training(
+            &refs,
+            self.hyper.checkpointing,
+            self.hyper.lora_dropout,
+            dropout_seed,
+        );
         let ids: Vec<&[u32]> = rows.iter().map(|(i, _)| *i).collect();
         let targets: Vec<[f64; 3]> = rows.iter().map(|(_, t)| *t).collect();
         let batch = TokenBatch::from_rows(&ids);
         let logits = self.model.forward_graph(&mut g, &batch)?;
         let (loss, dlogits) = cross_entropy(logits.tensor(), &targets, self.hyper.label_smoothing)?;
         if !loss.is_finite() {
-            bail!(Msg, "the training loss is not finite ({loss}); lower --lr or check the data");
+            bail!(
+                Msg,
+                "the training loss is not finite ({loss}); lower --lr or check the data"
+            );
         }
         let mut pg = ParamGrads::new(refs.len());
         g.backward(&logits, dlogits, &mut pg, &[])?;
@@ -160,9 +188,18 @@ impl Trainer {
 
     /// One optimiser step over `micro_batches` (lists of example indices) at the scheduled
     /// learning rate.
-    pub fn step(&mut self, examples: &[Example], micro_batches: &[Vec<usize>], total_steps: usize) -> Result<StepRecord> {
+    pub fn step(
+        &mut self,
+        examples: &[Example],
+        micro_batches: &[Vec<usize>],
+        total_steps: usize,
+    ) -> Result<StepRecord> {
         let t0 = Instant::now();
-        let lr = self.hyper.lr * self.hyper.scheduler.factor(self.pos.step, self.hyper.warmup_steps, total_steps);
+        let lr = self.hyper.lr
+            * self
+                .hyper
+                .scheduler
+                .factor(self.pos.step, self.hyper.warmup_steps, total_steps);
         let mut acc: Option<Vec<Vec<f32>>> = None;
         let mut losses = Vec::with_capacity(micro_batches.len());
         let mut tokens = 0;
@@ -174,7 +211,10 @@ impl Trainer {
                 rows.push((&ex.ids, ex.target));
                 if self.hyper.swap_augment {
                     let [a, b, t] = ex.target;
-                    let swapped = ex.swapped.as_deref().ok_or_else(|| Error::Msg("swap_augment needs swapped ids".into()))?;
+                    let swapped = ex
+                        .swapped
+                        .as_deref()
+                        .ok_or_else(|| Error::Msg("swap_augment needs swapped ids".into()))?;
                     rows.push((swapped, [b, a, t]));
                 }
             }
@@ -183,7 +223,14 @@ impl Trainer {
             losses.push(loss);
             tokens += n;
             match &mut acc {
-                None => acc = Some(grads.into_iter().map(|g| g.into_iter().map(|x| x * weight).collect()).collect()),
+                None => {
+                    acc = Some(
+                        grads
+                            .into_iter()
+                            .map(|g| g.into_iter().map(|x| x * weight).collect())
+                            .collect(),
+                    )
+                }
                 Some(acc) => {
                     for (a, g) in acc.iter_mut().zip(grads) {
                         for (x, y) in a.iter_mut().zip(g) {
@@ -193,13 +240,21 @@ impl Trainer {
                 }
             }
         }
-        let mut grads = acc.ok_or_else(|| Error::Msg("an optimiser step needs at least one micro-batch".into()))?;
+        let mut grads = acc
+            .ok_or_else(|| Error::Msg("an optimiser step needs at least one micro-batch".into()))?;
         let grad_norm = clip_grad_norm(&mut grads, self.hyper.max_grad_norm);
         let params = self.model.trainable();
         let shapes: Vec<Vec<usize>> = params.iter().map(|(_, t)| t.shape().to_vec()).collect();
-        let mut values: Vec<Vec<f32>> = params.iter().map(|(_, t)| t.to_f32_vec()).collect::<Result<_>>()?;
+        let mut values: Vec<Vec<f32>> = params
+            .iter()
+            .map(|(_, t)| t.to_f32_vec())
+            .collect::<Result<_>>()?;
         self.opt.update(&mut values, &grads, lr);
-        let tensors = values.into_iter().zip(&shapes).map(|(v, s)| Tensor::from_f32(v, s)).collect::<Result<Vec<_>>>()?;
+        let tensors = values
+            .into_iter()
+            .zip(&shapes)
+            .map(|(v, s)| Tensor::from_f32(v, s))
+            .collect::<Result<Vec<_>>>()?;
         self.model.set_trainable(tensors)?;
         self.pos.step += 1;
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
@@ -216,7 +271,11 @@ impl Trainer {
     }
 
     /// Train from the current position to the end, calling `after` after every step.
-    pub fn run(&mut self, examples: &[Example], mut after: impl FnMut(&mut Trainer, &StepRecord) -> Result<()>) -> Result<Vec<StepRecord>> {
+    pub fn run(
+        &mut self,
+        examples: &[Example],
+        mut after: impl FnMut(&mut Trainer, &StepRecord) -> Result<()>,
+    ) -> Result<Vec<StepRecord>> {
         let n = examples.len();
         if n == 0 {
             bail!(Usage, "no training rows");
@@ -226,7 +285,10 @@ impl Trainer {
         let mut records = Vec::new();
         while self.pos.epoch < self.hyper.epochs {
             let order = self.order(n, self.pos.epoch);
-            let micro: Vec<Vec<usize>> = order.chunks(self.hyper.batch_size).map(|c| c.to_vec()).collect();
+            let micro: Vec<Vec<usize>> = order
+                .chunks(self.hyper.batch_size)
+                .map(|c| c.to_vec())
+                .collect();
             while self.pos.micro < micro_per_epoch {
                 let end = (self.pos.micro + self.hyper.grad_accum).min(micro_per_epoch);
                 let rec = self.step(examples, &micro[self.pos.micro..end], total)?;
@@ -264,10 +326,19 @@ pub struct LoraOptions {
 
 /// Attach fresh LoRA factors (A kaiming-uniform, B zero) to the target projections of every
 /// layer from `freeze_layers` on; returns the adapter description.
-pub fn attach_lora(model: &mut Model, lora: &LoraOptions, seed: u64, base: &str) -> Result<AdapterSpec> {
+pub fn attach_lora(
+    model: &mut Model,
+    lora: &LoraOptions,
+    seed: u64,
+    base: &str,
+) -> Result<AdapterSpec> {
     let n_layers = model.info().num_layers;
     if lora.freeze_layers >= n_layers {
-        bail!(Usage, "--freeze-layers {} leaves nothing to train in a {n_layers}-layer model", lora.freeze_layers);
+        bail!(
+            Usage,
+            "--freeze-layers {} leaves nothing to train in a {n_layers}-layer model",
+            lora.freeze_layers
+        );
     }
     if lora.r == 0 {
         bail!(Usage, "--lora-r must be at least 1");
@@ -286,7 +357,11 @@ pub fn attach_lora(model: &mut Model, lora: &LoraOptions, seed: u64, base: &str)
     let mut attached = 0;
     for (module, l) in linears {
         let short = module.rsplit('.').next().unwrap_or(&module).to_string();
-        let layer: usize = module.split('.').nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let layer: usize = module
+            .split('.')
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         if layer < lora.freeze_layers || !lora.targets.contains(&short) {
             continue;
         }
@@ -298,7 +373,11 @@ pub fn attach_lora(model: &mut Model, lora: &LoraOptions, seed: u64, base: &str)
         attached += 1;
     }
     if attached == 0 {
-        bail!(Usage, "--target-modules {:?} match no projection of this model", lora.targets);
+        bail!(
+            Usage,
+            "--target-modules {:?} match no projection of this model",
+            lora.targets
+        );
     }
     Ok(spec)
 }
@@ -309,7 +388,11 @@ pub fn spec_of_adapter(dir: &Path, base: &str) -> Result<AdapterSpec> {
     let c = &a.config;
     let targets = match &c.target_modules {
         Some(crate::lora::TargetModules::List(l)) => l.clone(),
-        Some(crate::lora::TargetModules::Pattern(p)) => bail!(Usage, "{}: a regular-expression target_modules (`{p}`) cannot be written back; list the modules", dir.display()),
+        Some(crate::lora::TargetModules::Pattern(p)) => bail!(
+            Usage,
+            "{}: a regular-expression target_modules (`{p}`) cannot be written back; list the modules",
+            dir.display()
+        ),
         None => Vec::new(),
     };
     Ok(AdapterSpec {
@@ -372,27 +455,51 @@ struct Fingerprint {
 }
 
 fn checkpoint_dir(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
     out.with_file_name(format!("{name}.checkpoint"))
 }
 
 /// Save adapter + optimiser + position atomically into `dir`.
-fn save_checkpoint(dir: &Path, spec: &AdapterSpec, t: &Trainer, state: &CheckpointState) -> Result<()> {
+fn save_checkpoint(
+    dir: &Path,
+    spec: &AdapterSpec,
+    t: &Trainer,
+    state: &CheckpointState,
+) -> Result<()> {
     write_adapter(dir, spec, &t.adapter_tensors())?;
     let mut entries = Vec::new();
     for (i, (m, v)) in t.opt.m.iter().zip(&t.opt.v).enumerate() {
-        entries.push((format!("m.{i}"), crate::tensor::DType::F32, vec![m.len()], bytemuck::cast_slice(m).to_vec()));
-        entries.push((format!("v.{i}"), crate::tensor::DType::F32, vec![v.len()], bytemuck::cast_slice(v).to_vec()));
+        entries.push((
+            format!("m.{i}"),
+            crate::tensor::DType::F32,
+            vec![m.len()],
+            bytemuck::cast_slice(m).to_vec(),
+        ));
+        entries.push((
+            format!("v.{i}"),
+            crate::tensor::DType::F32,
+            vec![v.len()],
+            bytemuck::cast_slice(v).to_vec(),
+        ));
     }
-    let meta = [("step".to_string(), t.opt.step.to_string())].into_iter().collect();
+    let meta = [("step".to_string(), t.opt.step.to_string())]
+        .into_iter()
+        .collect();
     crate::weights::save_safetensors(&dir.join("optimizer.safetensors"), &entries, Some(meta))?;
-    crate::io::write_atomic(&dir.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())
+    crate::io::write_atomic(
+        &dir.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )
 }
 
 fn load_checkpoint(dir: &Path, t: &mut Trainer) -> Result<CheckpointState> {
     let path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    let state: CheckpointState = serde_json::from_str(&text)
+        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
     let ck = crate::weights::Checkpoint::open_files(dir, &[dir.join("optimizer.safetensors")])?;
     for i in 0..t.opt.m.len() {
         let n = t.opt.m[i].len();
@@ -404,7 +511,11 @@ fn load_checkpoint(dir: &Path, t: &mut Trainer) -> Result<CheckpointState> {
     Ok(state)
 }
 
-fn read_examples(path: &Path, encoder: &crate::data::format::Encoder, swap: bool) -> Result<Vec<Example>> {
+fn read_examples(
+    path: &Path,
+    encoder: &crate::data::format::Encoder,
+    swap: bool,
+) -> Result<Vec<Example>> {
     let data = read_arena_csv(path, Labels::Required)?;
     for w in data.warnings() {
         eprintln!("warning: {w}");
@@ -412,10 +523,18 @@ fn read_examples(path: &Path, encoder: &crate::data::format::Encoder, swap: bool
     data.rows
         .iter()
         .map(|r| {
-            let target = r.label.ok_or_else(|| Error::data(path, None, Some("winner_model_a"), "missing label"))?;
+            let target = r
+                .label
+                .ok_or_else(|| Error::data(path, None, Some("winner_model_a"), "missing label"))?;
             Ok(Example {
-                ids: encoder.encode(r).map_err(|e| e.context(format!("row id {}", r.id)))?,
-                swapped: if swap { Some(encoder.encode(&r.swapped())?) } else { None },
+                ids: encoder
+                    .encode(r)
+                    .map_err(|e| e.context(format!("row id {}", r.id)))?,
+                swapped: if swap {
+                    Some(encoder.encode(&r.swapped())?)
+                } else {
+                    None
+                },
                 target,
             })
         })
@@ -433,20 +552,32 @@ pub fn evaluate(model: &Model, examples: &[Example]) -> Result<f64> {
 /// Run `engine train`.
 pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
     if opts.load.device != crate::tensor::Device::Cpu {
-        bail!(Usage, "training runs on the CPU in this build (--device cpu); the CUDA training kernels are the next milestone");
+        bail!(
+            Usage,
+            "training runs on the CPU in this build (--device cpu); the CUDA training kernels are the next milestone"
+        );
     }
     let h = &opts.hyper;
     if h.batch_size == 0 || h.grad_accum == 0 || h.epochs == 0 {
-        bail!(Usage, "--batch-size, --grad-accum and --epochs must be at least 1");
+        bail!(
+            Usage,
+            "--batch-size, --grad-accum and --epochs must be at least 1"
+        );
     }
     // Fast failures first: output location, tokenizer, data.
-    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            bail!(Usage, "{}: directory does not exist", parent.display());
-        }
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        bail!(Usage, "{}: directory does not exist", parent.display());
     }
     let header = models::read_header(&opts.model)?;
-    let encoder = crate::infer::encoder_for(&header, &opts.model, opts.tokenizer.as_deref(), opts.format, opts.max_length)?;
+    let encoder = crate::infer::encoder_for(
+        &header,
+        &opts.model,
+        opts.tokenizer.as_deref(),
+        opts.format,
+        opts.max_length,
+    )?;
     let examples = read_examples(&opts.data, &encoder, h.swap_augment)?;
     let eval = match &opts.eval_data {
         Some(p) => Some(read_examples(p, &encoder, false)?),
@@ -459,7 +590,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
     let ckpt = checkpoint_dir(&opts.out);
     let resuming = opts.resume && ckpt.join("trainer_state.json").exists();
     if opts.resume && !resuming {
-        eprintln!("note: --resume: no checkpoint at {}, starting fresh", ckpt.display());
+        eprintln!(
+            "note: --resume: no checkpoint at {}, starting fresh",
+            ckpt.display()
+        );
     }
     let base = opts.model.to_string_lossy().into_owned();
     // The starting adapter: the checkpoint's when resuming, else --init-adapter, else fresh.
@@ -470,7 +604,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
     let mut model = models::load(&opts.model, &load)?;
     let (spec, lora_opts) = match &load.adapter {
         Some(dir) => (spec_of_adapter(dir, &base)?, None),
-        None => (attach_lora(&mut model, &opts.lora, h.seed, &base)?, Some(opts.lora.clone())),
+        None => (
+            attach_lora(&mut model, &opts.lora, h.seed, &base)?,
+            Some(opts.lora.clone()),
+        ),
     };
     let fingerprint = Fingerprint {
         model_config: std::fs::read_to_string(opts.model.join("config.json")).unwrap_or_default(),
@@ -486,9 +623,14 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
             diffs.push("the base model's config.json".to_string());
         }
         if state.fingerprint.data_rows != fingerprint.data_rows {
-            diffs.push(format!("the data ({} rows then, {} now)", state.fingerprint.data_rows, fingerprint.data_rows));
+            diffs.push(format!(
+                "the data ({} rows then, {} now)",
+                state.fingerprint.data_rows, fingerprint.data_rows
+            ));
         }
-        if (&state.fingerprint.format, state.fingerprint.max_length) != (&fingerprint.format, fingerprint.max_length) {
+        if (&state.fingerprint.format, state.fingerprint.max_length)
+            != (&fingerprint.format, fingerprint.max_length)
+        {
             diffs.push("the text format or --max-length".into());
         }
         if state.hyper != trainer.hyper {
@@ -498,20 +640,38 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
             diffs.push("the trainable tensors".into());
         }
         if !diffs.is_empty() {
-            bail!(Usage, "{}: the checkpoint was written for a different run: {} differ(s); remove it or start a new --out", ckpt.display(), diffs.join(", "));
+            bail!(
+                Usage,
+                "{}: the checkpoint was written for a different run: {} differ(s); remove it or start a new --out",
+                ckpt.display(),
+                diffs.join(", ")
+            );
         }
-        eprintln!("resuming from {} at step {} (epoch {}, micro-batch {})", ckpt.display(), trainer.pos.step, trainer.pos.epoch, trainer.pos.micro);
+        eprintln!(
+            "resuming from {} at step {} (epoch {}, micro-batch {})",
+            ckpt.display(),
+            trainer.pos.step,
+            trainer.pos.epoch,
+            trainer.pos.micro
+        );
     }
 
     let total = trainer.total_steps(examples.len());
     let mut log = match &opts.log_file {
-        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| Error::io(p, e))?),
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io(p, e))?,
+        ),
         None => None,
     };
     let bar = opts.progress.then(|| {
         let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
         b.set_style(
-            ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b.set_position(trainer.pos.step as u64);
         b
@@ -530,22 +690,28 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
         tokens += rec.tokens;
         let mut line = serde_json::to_value(rec)?;
         let done = t.pos.step == total;
-        if let Some(ev) = &eval {
-            if (opts.eval_every > 0 && t.pos.step % opts.eval_every == 0) || done {
-                let ll = evaluate(&t.model, ev)?;
-                line["eval_log_loss"] = ll.into();
-                last_eval = Some(ll);
-            }
+        if let Some(ev) = &eval
+            && ((opts.eval_every > 0 && t.pos.step % opts.eval_every == 0) || done)
+        {
+            let ll = evaluate(&t.model, ev)?;
+            line["eval_log_loss"] = ll.into();
+            last_eval = Some(ll);
         }
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         line["tokens_per_s"] = tps.into();
         if let Some(f) = log.as_mut() {
-            writeln!(f, "{line}").map_err(|e| Error::io(opts.log_file.as_deref().unwrap_or(Path::new("log")), e))?;
+            writeln!(f, "{line}")
+                .map_err(|e| Error::io(opts.log_file.as_deref().unwrap_or(Path::new("log")), e))?;
         }
         if let Some(b) = &bar {
             b.set_position(t.pos.step as u64);
-            let ev = last_eval.map(|v| format!("  eval {v:.4}")).unwrap_or_default();
-            b.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s{ev}", rec.loss, rec.lr, tps));
+            let ev = last_eval
+                .map(|v| format!("  eval {v:.4}"))
+                .unwrap_or_default();
+            b.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s{ev}",
+                rec.loss, rec.lr, tps
+            ));
         }
         if opts.checkpoint_every > 0 && t.pos.step % opts.checkpoint_every == 0 && !done {
             save_checkpoint(&ckpt, &spec, t, &state_for(t))?;

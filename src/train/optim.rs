@@ -24,7 +24,9 @@ impl Schedule {
         let progress = (k - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
         match self {
             Schedule::Constant => 1.0,
-            Schedule::Linear => ((total as f64 - k as f64) / (total.saturating_sub(warmup)).max(1) as f64).max(0.0),
+            Schedule::Linear => {
+                ((total as f64 - k as f64) / (total.saturating_sub(warmup)).max(1) as f64).max(0.0)
+            }
             Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
         }
     }
@@ -51,7 +53,12 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, sizes: &[usize]) -> Self {
-        AdamW { cfg, step: 0, m: sizes.iter().map(|&n| vec![0.0; n]).collect(), v: sizes.iter().map(|&n| vec![0.0; n]).collect() }
+        AdamW {
+            cfg,
+            step: 0,
+            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+        }
     }
 
     /// One update of every parameter with its gradient, at learning rate `lr`, in the order
@@ -66,8 +73,18 @@ impl AdamW {
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let decay = (1.0 - lr * c.weight_decay) as f32;
-        let (w1, b2, w2, eps) = ((1.0 - c.beta1) as f32, c.beta2 as f32, (1.0 - c.beta2) as f32, c.eps as f32);
-        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
+        let (w1, b2, w2, eps) = (
+            (1.0 - c.beta1) as f32,
+            c.beta2 as f32,
+            (1.0 - c.beta2) as f32,
+            c.eps as f32,
+        );
+        for (((p, g), m), v) in params
+            .iter_mut()
+            .zip(grads)
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+        {
             for i in 0..p.len() {
                 p[i] *= decay;
                 // torch's lerp with weight < 0.5: m + w·(g − m)
@@ -86,7 +103,11 @@ pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
     let total = grads
         .iter()
         .map(|g| {
-            let n: f64 = g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+            let n: f64 = g
+                .iter()
+                .map(|x| (*x as f64) * (*x as f64))
+                .sum::<f64>()
+                .sqrt();
             n * n
         })
         .sum::<f64>()
@@ -113,7 +134,10 @@ mod tests {
         assert_eq!(f, [0.0, 1.0, 0.5]);
         // cosine, no warmup, 2 steps: 1, 0.5.
         let f: Vec<f64> = (0..2).map(|k| Schedule::Cosine.factor(k, 0, 2)).collect();
-        assert!((f[0] - 1.0).abs() < 1e-12 && (f[1] - 0.5).abs() < 1e-12, "{f:?}");
+        assert!(
+            (f[0] - 1.0).abs() < 1e-12 && (f[1] - 0.5).abs() < 1e-12,
+            "{f:?}"
+        );
         assert_eq!(Schedule::Constant.factor(0, 2, 10), 0.0);
         assert_eq!(Schedule::Constant.factor(1, 2, 10), 0.5);
         assert_eq!(Schedule::Constant.factor(5, 2, 10), 1.0);
@@ -135,9 +159,25 @@ mod tests {
     fn adamw_first_step_moves_by_lr_times_sign() {
         // After one step with zero moments, m̂/√v̂ = g/|g|: the update is −lr·sign(g) (plus decay).
         let mut p = vec![vec![1.0f32, -2.0]];
-        let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }, &[2]);
+        let mut opt = AdamW::new(
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            &[2],
+        );
         opt.update(&mut p, &[vec![0.5, -3.0]], 0.01);
-        assert!((p[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{}", p[0][0]);
-        assert!((p[0][1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{}", p[0][1]);
+        assert!(
+            (p[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6,
+            "{}",
+            p[0][0]
+        );
+        assert!(
+            (p[0][1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6,
+            "{}",
+            p[0][1]
+        );
     }
 }

@@ -141,6 +141,9 @@ fn softmax_row(row: &mut [f32], i: usize, j0: usize, p: &AttentionParams) {
     }
 }
 
+/// One backward task's gradients: dQ of each query head of the group, dK and dV of the KV head.
+type TaskGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 /// Gradients of attention, recomputing the probabilities: per (row, KV head) task, for each
 /// query head of the group, with `u = scale·q·k`, `s = cap·tanh(u/cap)` (or `s = u`),
 /// `p = softmax(s)` over the visible keys:
@@ -163,7 +166,7 @@ pub(super) fn attention_backward(
         .flat_map(|r| (0..p.n_kv_heads).map(move |h| (r, h)))
         .collect();
     // Per task: dQ of its query heads ([group][len, d]), dK and dV of its KV head ([len, d]).
-    let results: Vec<(Vec<Vec<f32>>, Vec<f32>, Vec<f32>)> = tasks
+    let results: Vec<TaskGrads> = tasks
         .par_iter()
         .map(|&(r, kvh)| {
             let range = layout.range(r);
@@ -226,12 +229,12 @@ pub(super) fn attention_backward(
                         max = max.max(row[j]);
                     }
                     let mut sum = 0f32;
-                    for j in 0..len {
+                    for (j, x) in row.iter_mut().enumerate() {
                         if j > i || j < lo {
-                            row[j] = 0.0;
+                            *x = 0.0;
                         } else {
-                            row[j] = (row[j] - max).exp();
-                            sum += row[j];
+                            *x = (*x - max).exp();
+                            sum += *x;
                         }
                     }
                     for x in row.iter_mut() {
