@@ -24,15 +24,13 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
 }
 
+/// Builds the op under test on a graph from its input values.
+type OpUnderTest = dyn for<'a> Fn(&mut Graph<'a>, &[Var], &[Tensor]) -> Var;
+
 /// Check d/dε of Σ c ⊙ f(inputs + ε·dirs) against the backward pass. `f` builds the op on a
 /// graph from leaf inputs; `params` are trainable tensors among `inputs` (their gradients come
 /// from ParamGrads rather than from leaves).
-fn check(
-    name: &str,
-    inputs: Vec<Tensor>,
-    param_idx: &[usize],
-    f: &dyn for<'a> Fn(&mut Graph<'a>, &[Var], &[Tensor]) -> Var,
-) {
+fn check(name: &str, inputs: Vec<Tensor>, param_idx: &[usize], f: &OpUnderTest) {
     let out = {
         let mut g = Graph::inference();
         let vars: Vec<Var> = inputs.iter().map(|x| g.constant(x.clone())).collect();
