@@ -25,12 +25,12 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Builds the op under test on a graph from its input values.
-type OpUnderTest = dyn for<'a> Fn(&mut Graph<'a>, &[Var], &[Tensor]) -> Var;
+type OpUnderTest<'f> = dyn for<'a> Fn(&mut Graph<'a>, &[Var], &[Tensor]) -> Var + 'f;
 
 /// Check d/dε of Σ c ⊙ f(inputs + ε·dirs) against the backward pass. `f` builds the op on a
 /// graph from leaf inputs; `params` are trainable tensors among `inputs` (their gradients come
 /// from ParamGrads rather than from leaves).
-fn check(name: &str, inputs: Vec<Tensor>, param_idx: &[usize], f: &OpUnderTest) {
+fn check(name: &str, inputs: Vec<Tensor>, param_idx: &[usize], f: &OpUnderTest<'_>) {
     let out = {
         let mut g = Graph::inference();
         let vars: Vec<Var> = inputs.iter().map(|x| g.constant(x.clone())).collect();
