@@ -33,3 +33,22 @@ __device__ void gather_rows_body(T* __restrict__ y, const T* __restrict__ x, con
         gather_rows_body(y, x, idx, hidden);                                                            \
     }
 ENGINE_FOR_FLOAT_TYPES(GATHER)
+
+// Backward of gather_rows for DISTINCT indices (the launcher checks): dx is zero except row
+// idx[r], which receives dy[r]. Launched one block per output row over all `rows` rows; each
+// block looks up whether its row was gathered (inverse map built on the host).
+template <typename T>
+__device__ void scatter_rows_body(T* __restrict__ dx, const T* __restrict__ dy, const int32_t* __restrict__ src_of_row,
+                                  int hidden) {
+    const long long row = blockIdx.x;
+    const int src = src_of_row[row];
+    T* dst = dx + row * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        dst[i] = src < 0 ? from_f32<T>(0.0f) : dy[(long long)src * hidden + i];
+}
+
+#define SCATTER(T, N)                                                                                        \
+    extern "C" __global__ void scatter_rows_##N(T* dx, const T* dy, const int32_t* src_of_row, int hidden) { \
+        scatter_rows_body(dx, dy, src_of_row, hidden);                                                       \
+    }
+ENGINE_FOR_FLOAT_TYPES(SCATTER)

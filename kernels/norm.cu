@@ -79,3 +79,35 @@ __device__ void norm_add_norm_body(T* __restrict__ s_out, T* __restrict__ y, con
         norm_add_norm_body(s, y, x, a, w1, w2, p);                                                          \
     }
 ENGINE_FOR_FLOAT_TYPES(NORMS)
+
+// dx of RMSNorm with frozen gains (one block per row, f32 arithmetic):
+//   r = rsqrt(mean(x^2) + eps), u = x*r, dx = r*(g*dy') - x*r^3/H * sum(g*dy'*x)
+// where for Llama's w*round_T(u) the rounding is treated as identity (its derivative), so
+// g = 1 + w (Gemma) or w (Llama) in both cases.
+template <typename T>
+__device__ void rms_norm_backward_body(T* __restrict__ dx, const T* __restrict__ x, const T* __restrict__ dy,
+                                       const float* __restrict__ w, engine_norm_params p) {
+    const long long off = (long long)blockIdx.x * p.hidden;
+    float ss = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+        const float v = to_f32(x[off + i]);
+        const float g = p.one_plus_weight ? 1.0f + w[i] : w[i];
+        ss += v * v;
+        dot += g * to_f32(dy[off + i]) * v;
+    }
+    ss = block_sum(ss);
+    dot = block_sum(dot);
+    const float r = rsqrtf(ss / (float)p.hidden + p.eps);
+    const float c = r * r * r / (float)p.hidden * dot;
+    for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+        const float g = p.one_plus_weight ? 1.0f + w[i] : w[i];
+        dx[off + i] = from_f32<T>(r * g * to_f32(dy[off + i]) - to_f32(x[off + i]) * c);
+    }
+}
+
+#define NORM_BWD(T, N)                                                                                       \
+    extern "C" __global__ void rms_norm_backward_##N(T* dx, const T* x, const T* dy, const float* w,        \
+                                                     engine_norm_params p) {                                 \
+        rms_norm_backward_body(dx, x, dy, w, p);                                                             \
+    }
+ENGINE_FOR_FLOAT_TYPES(NORM_BWD)

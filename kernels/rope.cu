@@ -40,3 +40,28 @@ __device__ void rope_body(T* __restrict__ y, const T* __restrict__ x, const floa
         rope_body(y, x, c, s, tokens, width, head_dim);                                                \
     }
 ENGINE_FOR_FLOAT_TYPES(ROPE)
+
+// Backward of rope: rotate by the opposite angle (y_i = a c + b s; y_{i+h} = b c - a s).
+template <typename T>
+__device__ void rope_backward_body(T* __restrict__ dx, const T* __restrict__ dy, const float* __restrict__ cos_t,
+                                   const float* __restrict__ sin_t, int tokens, int width, int head_dim) {
+    const int half = head_dim / 2;
+    const int pairs_per_token = width / 2;
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= (long long)tokens * pairs_per_token) return;
+    const int t = (int)(i / pairs_per_token);
+    const int p = (int)(i % pairs_per_token);
+    const int head = p / half, f = p % half;
+    const long long base = (long long)t * width + (long long)head * head_dim;
+    const float c = cos_t[(long long)t * half + f], s = sin_t[(long long)t * half + f];
+    const float a = to_f32(dy[base + f]), b = to_f32(dy[base + f + half]);
+    dx[base + f] = from_f32<T>(a * c + b * s);
+    dx[base + f + half] = from_f32<T>(b * c - a * s);
+}
+
+#define ROPE_BWD(T, N)                                                                                       \
+    extern "C" __global__ void rope_backward_##N(T* dx, const T* dy, const float* c, const float* s,        \
+                                                 int tokens, int width, int head_dim) {                      \
+        rope_backward_body(dx, dy, c, s, tokens, width, head_dim);                                           \
+    }
+ENGINE_FOR_FLOAT_TYPES(ROPE_BWD)

@@ -26,7 +26,7 @@ use crate::error::Result;
 use crate::ops::SeqLayout;
 use crate::ops::activation::{Gate, gated, gated_backward};
 use crate::ops::attention::{AttentionParams, attention, attention_backward};
-use crate::ops::elementwise::add;
+use crate::ops::elementwise::{add, mul};
 use crate::ops::embedding::{embed, gather_rows, gather_rows_backward};
 use crate::ops::linear::{Linear, linear, linear_backward, linear_split};
 use crate::ops::norm::{RmsNorm, add_rms_norm, norm_add_norm, rms_norm, rms_norm_backward};
@@ -448,7 +448,8 @@ impl<'a> Graph<'a> {
     }
 }
 
-/// `(x ⊙ mask / (1 − p), mask / (1 − p))` with a fresh Bernoulli(1 − p) mask.
+/// `(x ⊙ mask / (1 − p), mask / (1 − p))` with a fresh Bernoulli(1 − p) mask (drawn on the
+/// host from the graph's seeded generator, in `x`'s dtype and on its device).
 fn dropout_mask(rng: &mut rand_chacha::ChaCha8Rng, x: &Tensor, p: f32) -> Result<(Tensor, Tensor)> {
     let keep = 1.0 - p;
     let scale = 1.0 / keep;
@@ -461,12 +462,8 @@ fn dropout_mask(rng: &mut rand_chacha::ChaCha8Rng, x: &Tensor, p: f32) -> Result
             }
         })
         .collect();
-    let mask = Tensor::from_f32(m, x.shape())?.to_device(x.device())?;
+    let mask = Tensor::from_f32(m, x.shape())?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())?;
     Ok((mul(x, &mask)?, mask))
-}
-
-/// Elementwise product (CPU; used for dropout masks only).
-fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (x, y) = (a.as_f32_slice()?, b.as_f32_slice()?);
-    Tensor::from_f32(x.iter().zip(y).map(|(p, q)| p * q).collect(), a.shape())
 }

@@ -347,6 +347,23 @@ impl CudaBuffer {
             .ok_or_else(|| Error::Cuda("misaligned view".into()))
     }
 
+    /// The device address (for pointer tables read by multi-tensor kernels; the buffer must
+    /// outlive every launch that reads the table).
+    pub fn raw_ptr(&self) -> u64 {
+        use cudarc::driver::DevicePtr;
+        let (ptr, _guard) = self.slice.device_ptr(&self.device.stream);
+        ptr
+    }
+
+    /// A device-to-device copy.
+    pub fn duplicate(&self) -> Result<CudaBuffer> {
+        let mut out = self.device.alloc(self.len)?;
+        self.device
+            .stream
+            .memcpy_dtod(&self.slice, &mut out.slice)?;
+        Ok(out)
+    }
+
     /// The buffer as a kernel pointer argument (read-only).
     pub fn arg(&self) -> CudaView<'_, u8> {
         self.slice.as_view()

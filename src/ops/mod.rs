@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod optim;
 pub mod rope;
 
 /// Row boundaries of a packed batch: row `i` owns tokens `offsets[i]..offsets[i + 1]`.

@@ -29,9 +29,11 @@ use crate::data::format::TextFormat;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterSpec, init_lora, write_adapter};
 use crate::models::{self, LoadOptions, Model};
+use crate::ops::elementwise::{axpy, cast};
 use crate::ops::loss::cross_entropy;
-use crate::tensor::Tensor;
-use optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
+use crate::ops::optim::{AdamW, AdamWConfig};
+use crate::tensor::{DType, Tensor};
+use optim::{Schedule, clip_coefficient};
 
 /// One training example: token ids, the ids with A and B swapped (for `swap_augment`), and the
 /// target distribution (A wins, B wins, tie).
@@ -78,6 +80,9 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub tokens: usize,
     pub seconds: f64,
+    /// Peak device memory during the step (GPU training only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_bytes: Option<usize>,
 }
 
 /// Where in the data the next step starts.
@@ -108,7 +113,7 @@ impl Trainer {
                 "nothing to train: the model has no LoRA layers and no score head"
             );
         }
-        let sizes: Vec<usize> = params.iter().map(|(_, t)| t.elem_count()).collect();
+        let values: Vec<Tensor> = params.iter().map(|(_, t)| t.clone()).collect();
         let cfg = AdamWConfig {
             beta1: hyper.beta1,
             beta2: hyper.beta2,
@@ -116,7 +121,7 @@ impl Trainer {
             weight_decay: hyper.weight_decay,
         };
         Ok(Trainer {
-            opt: AdamW::new(cfg, &sizes),
+            opt: AdamW::new(cfg, &values)?,
             names: params.into_iter().map(|(n, _)| n).collect(),
             model,
             hyper,
@@ -147,13 +152,13 @@ impl Trainer {
         order
     }
 
-    /// Loss and trainable-parameter gradients of one micro-batch (gradients in
-    /// [`Model::trainable`] order, zero where none flowed).
+    /// Loss and trainable-parameter gradients of one micro-batch (f32 gradients in
+    /// [`Model::trainable`] order on the model's device, zero where none flowed) and its tokens.
     pub fn micro_batch(
         &self,
         rows: &[(&[u32], [f64; 3])],
         dropout_seed: u64,
-    ) -> Result<(f64, Vec<Vec<f32>>, usize)> {
+    ) -> Result<(f64, Vec<Tensor>, usize)> {
         let params = self.model.trainable();
         let refs: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
         let mut g = Graph::training(
@@ -179,8 +184,8 @@ impl Trainer {
             .iter()
             .zip(pg.into_grads())
             .map(|((_, t), g)| match g {
-                Some(g) => g.to_f32_vec(),
-                None => Ok(vec![0.0; t.elem_count()]),
+                Some(g) => cast(&g, DType::F32),
+                None => Tensor::zeros(t.shape(), DType::F32, t.device()),
             })
             .collect::<Result<_>>()?;
         Ok((loss, grads, batch.tokens()))
@@ -195,12 +200,19 @@ impl Trainer {
         total_steps: usize,
     ) -> Result<StepRecord> {
         let t0 = Instant::now();
+        let device = match self.model.trainable().first().map(|(_, t)| t.device()) {
+            Some(crate::tensor::Device::Cuda(i)) => Some(crate::cuda::device(i)?),
+            _ => None,
+        };
+        if let Some(d) = &device {
+            d.reset_peak();
+        }
         let lr = self.hyper.lr
             * self
                 .hyper
                 .scheduler
                 .factor(self.pos.step, self.hyper.warmup_steps, total_steps);
-        let mut acc: Option<Vec<Vec<f32>>> = None;
+        let mut acc: Option<Vec<Tensor>> = None;
         let mut losses = Vec::with_capacity(micro_batches.len());
         let mut tokens = 0;
         let weight = 1.0 / micro_batches.len() as f32;
@@ -222,40 +234,48 @@ impl Trainer {
             let (loss, grads, n) = self.micro_batch(&rows, seed)?;
             losses.push(loss);
             tokens += n;
-            match &mut acc {
-                None => {
-                    acc = Some(
-                        grads
-                            .into_iter()
-                            .map(|g| g.into_iter().map(|x| x * weight).collect())
-                            .collect(),
-                    )
-                }
-                Some(acc) => {
-                    for (a, g) in acc.iter_mut().zip(grads) {
-                        for (x, y) in a.iter_mut().zip(g) {
-                            *x += y * weight;
-                        }
-                    }
-                }
-            }
+            // The step's gradient is the mean of the micro-batch gradients.
+            acc = Some(match acc {
+                None => grads
+                    .iter()
+                    .map(|g| {
+                        axpy(
+                            &Tensor::zeros(g.shape(), DType::F32, g.device())?,
+                            g,
+                            weight,
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, g)| axpy(a, g, weight))
+                    .collect::<Result<_>>()?,
+            });
         }
-        let mut grads = acc
+        let grads = acc
             .ok_or_else(|| Error::Msg("an optimiser step needs at least one micro-batch".into()))?;
-        let grad_norm = clip_grad_norm(&mut grads, self.hyper.max_grad_norm);
-        let params = self.model.trainable();
-        let shapes: Vec<Vec<usize>> = params.iter().map(|(_, t)| t.shape().to_vec()).collect();
-        let mut values: Vec<Vec<f32>> = params
+        let grad_norm = self.opt.grad_norm(&grads)?;
+        self.opt.update(
+            &grads,
+            lr,
+            clip_coefficient(grad_norm, self.hyper.max_grad_norm),
+        )?;
+        // The model computes with the masters in each parameter's own dtype (bf16 LoRA on a GPU).
+        let dtypes: Vec<DType> = self
+            .model
+            .trainable()
             .iter()
-            .map(|(_, t)| t.to_f32_vec())
-            .collect::<Result<_>>()?;
-        self.opt.update(&mut values, &grads, lr);
-        let tensors = values
-            .into_iter()
-            .zip(&shapes)
-            .map(|(v, s)| Tensor::from_f32(v, s))
+            .map(|(_, t)| t.dtype())
+            .collect();
+        let values = self
+            .opt
+            .params()?
+            .iter()
+            .zip(dtypes)
+            .map(|(p, d)| cast(p, d))
             .collect::<Result<Vec<_>>>()?;
-        self.model.set_trainable(tensors)?;
+        self.model.set_trainable(values)?;
         self.pos.step += 1;
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
         Ok(StepRecord {
@@ -267,6 +287,7 @@ impl Trainer {
             grad_norm,
             tokens,
             seconds: t0.elapsed().as_secs_f64(),
+            peak_gpu_bytes: device.map(|d| d.peak_bytes()),
         })
     }
 
@@ -307,9 +328,9 @@ impl Trainer {
         Ok(records)
     }
 
-    /// The trainable tensors under their PEFT keys.
-    pub fn adapter_tensors(&self) -> Vec<(String, Tensor)> {
-        self.model.trainable()
+    /// The trainable tensors (the optimiser's f32 masters) under their PEFT keys.
+    pub fn adapter_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.names.iter().cloned().zip(self.opt.params()?).collect())
     }
 }
 
@@ -462,28 +483,25 @@ fn checkpoint_dir(out: &Path) -> PathBuf {
     out.with_file_name(format!("{name}.checkpoint"))
 }
 
-/// Save adapter + optimiser + position atomically into `dir`.
+/// Save adapter + optimiser (masters and moments) + position into `dir`, atomically (the
+/// adapter directory is written whole, then the optimiser and state files into it).
 fn save_checkpoint(
     dir: &Path,
     spec: &AdapterSpec,
     t: &Trainer,
     state: &CheckpointState,
 ) -> Result<()> {
-    write_adapter(dir, spec, &t.adapter_tensors())?;
+    write_adapter(dir, spec, &t.adapter_tensors()?)?;
     let mut entries = Vec::new();
-    for (i, (m, v)) in t.opt.m.iter().zip(&t.opt.v).enumerate() {
-        entries.push((
-            format!("m.{i}"),
-            crate::tensor::DType::F32,
-            vec![m.len()],
-            bytemuck::cast_slice(m).to_vec(),
-        ));
-        entries.push((
-            format!("v.{i}"),
-            crate::tensor::DType::F32,
-            vec![v.len()],
-            bytemuck::cast_slice(v).to_vec(),
-        ));
+    for (i, [p, m, v]) in t.opt.export()?.into_iter().enumerate() {
+        for (name, data) in [("p", p), ("m", m), ("v", v)] {
+            entries.push((
+                format!("{name}.{i}"),
+                DType::F32,
+                vec![data.len()],
+                bytemuck::cast_slice(&data).to_vec(),
+            ));
+        }
     }
     let meta = [("step".to_string(), t.opt.step.to_string())]
         .into_iter()
@@ -501,13 +519,29 @@ fn load_checkpoint(dir: &Path, t: &mut Trainer) -> Result<CheckpointState> {
     let state: CheckpointState = serde_json::from_str(&text)
         .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
     let ck = crate::weights::Checkpoint::open_files(dir, &[dir.join("optimizer.safetensors")])?;
-    for i in 0..t.opt.m.len() {
-        let n = t.opt.m[i].len();
-        t.opt.m[i] = ck.load(&format!("m.{i}"), &[n])?.to_f32_vec()?;
-        t.opt.v[i] = ck.load(&format!("v.{i}"), &[n])?.to_f32_vec()?;
+    let sizes: Vec<usize> = t
+        .model
+        .trainable()
+        .iter()
+        .map(|(_, p)| p.elem_count())
+        .collect();
+    let mut slots = Vec::with_capacity(sizes.len());
+    for (i, n) in sizes.into_iter().enumerate() {
+        let get = |name: &str| ck.load(&format!("{name}.{i}"), &[n])?.to_f32_vec();
+        slots.push([get("p")?, get("m")?, get("v")?]);
     }
-    t.opt.step = state.position.step as u64;
+    t.opt.import(slots, state.position.step as u64)?;
     t.pos = state.position;
+    // The model computes with the restored masters (exact f32, not the adapter's rounding).
+    let dtypes: Vec<DType> = t.model.trainable().iter().map(|(_, p)| p.dtype()).collect();
+    let values = t
+        .opt
+        .params()?
+        .iter()
+        .zip(dtypes)
+        .map(|(p, d)| cast(p, d))
+        .collect::<Result<Vec<_>>>()?;
+    t.model.set_trainable(values)?;
     Ok(state)
 }
 
@@ -551,12 +585,6 @@ pub fn evaluate(model: &Model, examples: &[Example]) -> Result<f64> {
 
 /// Run `engine train`.
 pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
-    if opts.load.device != crate::tensor::Device::Cpu {
-        bail!(
-            Usage,
-            "training runs on the CPU in this build (--device cpu); the CUDA training kernels are the next milestone"
-        );
-    }
     let h = &opts.hyper;
     if h.batch_size == 0 || h.grad_accum == 0 || h.epochs == 0 {
         bail!(
@@ -708,8 +736,12 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
             let ev = last_eval
                 .map(|v| format!("  eval {v:.4}"))
                 .unwrap_or_default();
+            let mem = rec
+                .peak_gpu_bytes
+                .map(|b| format!("  peak {:.1} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or_default();
             b.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {:.0} tok/s{ev}",
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s{ev}{mem}",
                 rec.loss, rec.lr, tps
             ));
         }
@@ -721,7 +753,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    write_adapter(&opts.out, &spec, &trainer.adapter_tensors())?;
+    write_adapter(&opts.out, &spec, &trainer.adapter_tensors()?)?;
     if ckpt.exists() {
         let _ = std::fs::remove_dir_all(&ckpt);
     }

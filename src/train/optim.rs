@@ -1,6 +1,6 @@
-//! The optimiser side of a step, as torch and Hugging Face do it: AdamW (decoupled weight
-//! decay, bias-corrected moments, eps outside the square root), the learning-rate schedules of
-//! `get_{constant,linear,cosine}_schedule_with_warmup`, and `clip_grad_norm_`.
+//! The learning-rate schedules of Hugging Face's `get_{constant,linear,cosine}_schedule_with_warmup`
+//! and the clipping coefficient of `torch.nn.utils.clip_grad_norm_` (the AdamW update itself is
+//! the op family `ops::optim`).
 
 use serde::{Deserialize, Serialize};
 
@@ -32,95 +32,14 @@ impl Schedule {
     }
 }
 
-/// AdamW's hyper-parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AdamWConfig {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-/// AdamW state for a list of f32 parameter tensors.
-#[derive(Clone, Debug)]
-pub struct AdamW {
-    pub cfg: AdamWConfig,
-    /// Optimiser steps taken.
-    pub step: u64,
-    pub m: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
-}
-
-impl AdamW {
-    pub fn new(cfg: AdamWConfig, sizes: &[usize]) -> Self {
-        AdamW {
-            cfg,
-            step: 0,
-            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-        }
-    }
-
-    /// One update of every parameter with its gradient, at learning rate `lr`, in the order
-    /// of torch's single-tensor AdamW: `p ← p·(1 − lr·wd)`; `m ← lerp(m, g, 1 − β1)`;
-    /// `v ← β2·v + (1 − β2)·g²`; `p ← p − (lr / bc1) · m / (√v / √bc2 + eps)` with
-    /// `bc_i = 1 − β_i^step`.
-    pub fn update(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f64) {
-        self.step += 1;
-        let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let (w1, b2, w2, eps) = (
-            (1.0 - c.beta1) as f32,
-            c.beta2 as f32,
-            (1.0 - c.beta2) as f32,
-            c.eps as f32,
-        );
-        for (((p, g), m), v) in params
-            .iter_mut()
-            .zip(grads)
-            .zip(&mut self.m)
-            .zip(&mut self.v)
-        {
-            for i in 0..p.len() {
-                p[i] *= decay;
-                // torch's lerp with weight < 0.5: m + w·(g − m)
-                m[i] += w1 * (g[i] - m[i]);
-                v[i] = v[i] * b2 + w2 * g[i] * g[i];
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] += -step_size * (m[i] / denom);
-            }
-        }
-    }
-}
-
-/// The global L2 norm of all gradients (before clipping), and the gradients scaled by
-/// `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
-pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
-    let total = grads
-        .iter()
-        .map(|g| {
-            let n: f64 = g
-                .iter()
-                .map(|x| (*x as f64) * (*x as f64))
-                .sum::<f64>()
-                .sqrt();
-            n * n
-        })
-        .sum::<f64>()
-        .sqrt();
+/// The factor `clip_grad_norm_` multiplies every gradient by: `min(1, max / (norm + 1e-6))`
+/// (1 when clipping is off).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
     if max_norm > 0.0 {
-        let coef = (max_norm / (total + 1e-6)).min(1.0) as f32;
-        for g in grads.iter_mut() {
-            for x in g.iter_mut() {
-                *x *= coef;
-            }
-        }
+        (max_norm / (norm + 1e-6)).min(1.0) as f32
+    } else {
+        1.0
     }
-    total
 }
 
 #[cfg(test)]
@@ -146,38 +65,8 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let mut g = vec![vec![3.0f32], vec![4.0]];
-        let n = clip_grad_norm(&mut g, 1.0);
-        assert_eq!(n, 5.0);
-        assert!((g[0][0] - 0.6).abs() < 1e-6 && (g[1][0] - 0.8).abs() < 1e-6);
-        let mut g = vec![vec![0.3f32]];
-        clip_grad_norm(&mut g, 1.0);
-        assert_eq!(g[0][0], 0.3);
-    }
-
-    #[test]
-    fn adamw_first_step_moves_by_lr_times_sign() {
-        // After one step with zero moments, m̂/√v̂ = g/|g|: the update is −lr·sign(g) (plus decay).
-        let mut p = vec![vec![1.0f32, -2.0]];
-        let mut opt = AdamW::new(
-            AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            },
-            &[2],
-        );
-        opt.update(&mut p, &[vec![0.5, -3.0]], 0.01);
-        assert!(
-            (p[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6,
-            "{}",
-            p[0][0]
-        );
-        assert!(
-            (p[0][1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6,
-            "{}",
-            p[0][1]
-        );
+        assert!((clip_coefficient(5.0, 1.0) - 0.2).abs() < 1e-6);
+        assert_eq!(clip_coefficient(0.3, 1.0), 1.0);
+        assert_eq!(clip_coefficient(50.0, 0.0), 1.0);
     }
 }

@@ -74,10 +74,7 @@ pub fn gated_backward(
         );
     }
     match gate.device() {
-        Device::Cuda(_) => bail!(
-            Cuda,
-            "the CUDA backward kernels are not part of this build: train on the CPU"
-        ),
+        Device::Cuda(_) => cuda::gated_backward(gate, up, dy, act),
         Device::Cpu => {
             let (dg, du) = cpu::gated_backward(
                 gate.as_f32_slice()?,

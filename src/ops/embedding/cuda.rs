@@ -56,3 +56,33 @@ pub(super) fn gather_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
     }
     Tensor::from_cuda(out, dtype, &[idx.len(), h])
 }
+
+/// Backward of gather_rows for distinct indices: zero rows except the gathered ones.
+pub(super) fn gather_rows_backward(dy: &Tensor, idx: &[usize], rows: usize) -> Result<Tensor> {
+    let sd = dy.cuda_storage()?;
+    let dev = sd.device().clone();
+    let (_, h) = dy.dims2()?;
+    let dtype = dy.dtype();
+    let mut src = vec![-1i32; rows];
+    for (r, &i) in idx.iter().enumerate() {
+        if src[i] >= 0 {
+            crate::bail!(
+                Shape,
+                "gather_rows backward on the GPU needs distinct indices (row {i} twice)"
+            );
+        }
+        src[i] = r as i32;
+    }
+    let src_buf = dev.upload(bytemuck::cast_slice(&src))?;
+    let mut out = dev.alloc(rows * h * dtype.size_in_bytes())?;
+    let f = dev.function("embedding", crate::kernel_name!("scatter_rows", dtype))?;
+    let h32 = h as i32;
+    let (y, db, sb) = (&mut out.arg_mut(), &sd.buf.arg(), &src_buf.arg());
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y).arg(db).arg(sb).arg(&h32);
+    if rows > 0 {
+        // SAFETY: one block per output row; src_of_row holds -1 or a valid row of dy.
+        unsafe { l.launch(per_row(rows, row_threads(h))) }?;
+    }
+    Tensor::from_cuda(out, dtype, &[rows, h])
+}

@@ -58,10 +58,7 @@ pub fn gather_rows_backward(dy: &Tensor, idx: &[usize], rows: usize) -> Result<T
         );
     }
     match dy.device() {
-        Device::Cuda(_) => bail!(
-            Cuda,
-            "the CUDA backward kernels are not part of this build: train on the CPU"
-        ),
+        Device::Cuda(_) => cuda::gather_rows_backward(dy, idx, rows),
         Device::Cpu => {
             let g = dy.as_f32_slice()?;
             let mut dx = vec![0f32; rows * h];

@@ -123,3 +123,28 @@ pub(super) fn norm_add_norm(
         Tensor::from_cuda(y, dtype, &[t, h])?,
     ))
 }
+
+/// dx of RMSNorm (frozen gains).
+pub(super) fn rms_norm_backward(x: &Tensor, dy: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+    check_weight(norm, x)?;
+    let (sx, sd) = (x.cuda_storage()?, dy.cuda_storage()?);
+    let dev = sx.device().clone();
+    let (t, h) = x.dims2()?;
+    let dtype = x.dtype();
+    let mut out = dev.alloc(t * h * dtype.size_in_bytes())?;
+    let f = dev.function("norm", kernel_name!("rms_norm_backward", dtype))?;
+    let p = params(t, h, norm);
+    let (y, xb, db, wb) = (
+        &mut out.arg_mut(),
+        &sx.buf.arg(),
+        &sd.buf.arg(),
+        &norm.weight.cuda_storage()?.buf.arg(),
+    );
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y).arg(xb).arg(db).arg(wb).arg(&p);
+    if t > 0 {
+        // SAFETY: one block per row of `hidden` elements, as the forward.
+        unsafe { l.launch(per_row(t, row_threads(h))) }?;
+    }
+    Tensor::from_cuda(out, dtype, &[t, h])
+}

@@ -120,10 +120,7 @@ pub fn rms_norm_backward(x: &Tensor, dy: &Tensor, norm: &RmsNorm) -> Result<Tens
         );
     }
     match x.device() {
-        Device::Cuda(_) => bail!(
-            Cuda,
-            "the CUDA backward kernels are not part of this build: train on the CPU"
-        ),
+        Device::Cuda(_) => cuda::rms_norm_backward(x, dy, norm),
         Device::Cpu => Tensor::from_f32(
             cpu::rms_norm_backward(
                 x.as_f32_slice()?,

@@ -69,3 +69,38 @@ pub(super) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> 
     }
     Tensor::from_cuda(out, dtype, &[t, w])
 }
+
+/// dx of the rotation (rotate back).
+pub(super) fn apply_backward(
+    dy: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let sd = dy.cuda_storage()?;
+    let dev = sd.device().clone();
+    let (t, w) = dy.dims2()?;
+    let dtype = dy.dtype();
+    let mut out = dev.alloc(t * w * dtype.size_in_bytes())?;
+    let f = dev.function("rope", kernel_name!("rope_backward", dtype))?;
+    let (t32, w32, d32) = (t as i32, w as i32, head_dim as i32);
+    let (y, db, cb, sb) = (
+        &mut out.arg_mut(),
+        &sd.buf.arg(),
+        &cos.cuda_storage()?.buf.arg(),
+        &sin.cuda_storage()?.buf.arg(),
+    );
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y)
+        .arg(db)
+        .arg(cb)
+        .arg(sb)
+        .arg(&t32)
+        .arg(&w32)
+        .arg(&d32);
+    if t * w > 0 {
+        // SAFETY: one thread per rotated pair; shapes checked by the caller.
+        unsafe { l.launch(grid_1d(t * w / 2, 256)) }?;
+    }
+    Tensor::from_cuda(out, dtype, &[t, w])
+}

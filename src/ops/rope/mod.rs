@@ -116,10 +116,7 @@ pub fn apply_backward(dy: &Tensor, table: &RopeTable, head_dim: usize) -> Result
         );
     }
     match dy.device() {
-        Device::Cuda(_) => bail!(
-            Cuda,
-            "the CUDA backward kernels are not part of this build: train on the CPU"
-        ),
+        Device::Cuda(_) => cuda::apply_backward(dy, &table.cos, &table.sin, head_dim),
         Device::Cpu => {
             let neg_sin: Vec<f32> = table.sin.as_f32_slice()?.iter().map(|s| -s).collect();
             let y = cpu::apply(
