@@ -14,6 +14,8 @@
 #   torch    — scripts/device_torch.py: cuBLAS/bitsandbytes/SDPA/FlexAttention/eager peers
 #   full     — only with FULL=1: random full-size Gemma-2-9B / Llama-3.1-8B inference, engine vs
 #              transformers (needs ~40 GB of disk and several minutes)
+#   train    — only with FULL=1: full-size QLoRA training steps (seq 1536 / 1280, the recipes,
+#              checkpointing on), engine vs transformers + PEFT (scripts/device_full_train.sh)
 # Environment: STAGES="tests benches torch" to choose stages; SKIP_FLEX=1 to skip FlexAttention
 # (its compile takes ~30 s); TEST_TIMEOUT / BENCH_TIMEOUT / TORCH_TIMEOUT bound each binary.
 # With a short lease, run `STAGES=tests` first (the kernels' correctness), then
@@ -70,7 +72,7 @@ run() {
     mkdir -p /work && ln -s "$PWD" /work/main
   fi
   local stages=${STAGES:-tests benches torch}
-  [ "${FULL:-0}" = 1 ] && stages="$stages full"
+  [ "${FULL:-0}" = 1 ] && stages="$stages full train"
   [ -d "$dev_dir" ] || tar -C target -xJf target/device.tar.xz
   # The test binaries find the engine binary and the fixtures where cargo built them.
   mkdir -p target/release && cp "$dev_dir/engine" target/release/engine
@@ -98,6 +100,8 @@ run() {
           > "$out/torch.log" 2>&1 || echo "torch stage failed: see torch.log"; tail -3 "$out/torch.log" ;;
       full)
         scripts/device_full.sh "$out" 2>&1 | tee "$out/full.log" ;;
+      train)
+        scripts/device_full_train.sh "$out" 2>&1 | tee "$out/full_train.log" ;;
     esac
   done
   python3 scripts/device_report.py "$out" | tee "$out/report.md"

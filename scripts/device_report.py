@@ -105,6 +105,18 @@ def main():
         for line in open(full):
             r = json.loads(line)
             lines.append(f"| {r['model']} | {r['impl']} | {r.get('tokens_per_s') or '-'} | {r.get('peak_gib') or '-'} |")
+    full_train = os.path.join(out, "full_train.jsonl")
+    if os.path.exists(full_train):
+        lines += ["", "| full-size QLoRA step | impl | ms/step | tokens/s | MFU (4·P·tokens) | peak GiB |", "|---|---|---|---|---|---|"]
+        params = {}
+        for line in open(full_train):
+            r = json.loads(line)
+            params.setdefault(r["model"], r.get("params"))
+        for line in open(full_train):
+            r = json.loads(line)
+            p = params.get(r["model"]) or r.get("params")
+            mfu = f"{4 * p * r['tokens_per_step'] / (r['ms_per_step'] / 1e3) / tf_peak:.0%}" if p and tf_peak else "-"
+            lines.append(f"| {r['model']} | {r['impl']} | {r['ms_per_step']:.0f} | {r['tokens_per_s']:.0f} | {mfu} | {r['peak_gib']:.1f} |")
     print("\n".join(lines))
 
 
