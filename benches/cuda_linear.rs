@@ -1,10 +1,13 @@
 //! The CUDA matmul kernels under criterion at the projection shapes of Gemma-2-9B (hidden
 //! 3584) and Llama-3.1-8B (hidden 4096), tokens 1536, 3072 and 6144: the NF4 dequantize-matmul
 //! and the dense bf16 matmul, each without and with a fused LoRA of rank 32, reported as
-//! FLOP/s (2·M·N·K, the base GEMM only, so a LoRA's cost shows as lower throughput); and NF4
-//! quantisation of a 14336×3584 bf16 weight on the GPU in bytes/s (input read, codes and
-//! absmax written). The device is synchronised before the clock stops. Without a GPU it prints
-//! SKIPPED and measures nothing.
+//! FLOP/s (2·M·N·K, the base GEMM only, so a LoRA's cost shows as lower throughput); the
+//! backward of the same layers with the LoRA of rank 32 (`…/bwd/…`: dx through the NF4 or
+//! dense bf16 weight with the fused dh·A term, plus h, dh, dA and dB), also reported as
+//! 2·M·N·K (the dx GEMM; the LoRA gradients add 2·M·r·(2N + 4K) more: 3–14% at r = 32);
+//! and NF4 quantisation of a 14336×3584 bf16 weight on the GPU in bytes/s (input read, codes
+//! and absmax written). The device is synchronised before the clock stops. Without a GPU it
+//! prints SKIPPED and measures nothing.
 //!
 //! `cargo bench --bench cuda_linear`
 
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use engine::cuda::CudaDevice;
-use engine::ops::linear::{BaseWeight, Linear, Lora, linear, quantize_nf4};
+use engine::ops::linear::{BaseWeight, Linear, Lora, linear, linear_backward, quantize_nf4};
 use engine::tensor::{CpuStorage, DType, Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);
@@ -87,6 +90,17 @@ fn benches(c: &mut Criterion) {
             for (kind, layer) in &layers {
                 g.bench_function(format!("{model}/{proj}/{t}/{kind}"), |b| {
                     b.iter_custom(|iters| timed(&dev, iters, || drop(linear(&x, layer).unwrap())))
+                });
+            }
+            // Backward with LoRA r = 32: every gradient a training step needs from this layer.
+            let dy = gpu_tensor(&[t, n], 400 + t as u32, 0.01);
+            for (kind, layer) in layers.iter().filter(|(kind, _)| kind.ends_with("lora32")) {
+                g.bench_function(format!("{model}/{proj}/{t}/bwd/{kind}"), |b| {
+                    b.iter_custom(|iters| {
+                        timed(&dev, iters, || {
+                            drop(linear_backward(&x, None, &dy, layer, false).unwrap())
+                        })
+                    })
                 });
             }
         }

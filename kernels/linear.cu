@@ -14,6 +14,9 @@
 //   splitk_reduce                     y = round_T(sum over splits of the f32 partial sums)
 //   nf4_dequantize / nf4_quantize     the whole weight to T / f32, and back (bit-identical to
 //                                     bitsandbytes and to src/quant/nf4.rs)
+//   linear_bwd_*                      the backward pass (input gradient through the frozen NF4 or
+//                                     dense weight, LoRA gradients, the score head): see the
+//                                     "Backward" section at the end of this file
 //
 // NF4 layout (src/quant/nf4.rs, as bitsandbytes): W is flattened row-major (element e = n*K + k)
 // and cut into blocks of 64; byte e/2 holds element e in its high nibble when e is even, in the
@@ -702,3 +705,539 @@ __device__ void nf4_quantize_body(uint8_t* __restrict__ packed, float* __restric
         nf4_quantize_body(packed, absmax, x, numel, th);                                                           \
     }
 ENGINE_FOR_FLOAT_TYPES(NF4_CONVERT)
+
+// =============================================================================================
+// Backward
+// =============================================================================================
+//
+// Every GEMM of the backward pass has the form C[P, Q] = sum over red of U(p, red) . V[red, q],
+// with V row-major [red][Q] (the reduction runs down V's rows) and U either row-major [P][red]
+// ("row") or stored transposed as [red][P] ("trans": dy or x read along the token axis). For a
+// layer y[M, N] = x[M, K] . W[N, K]^T + s . h . B^T with h = x_l . A^T (x_l = x, or the
+// dropped-out LoRA input):
+//
+//   dx      = dy . W       P = M, red = N, Q = K    U = dy (row)   V = W [N, K], NF4 or dense T
+//             (+ dh . A)   r more reduction steps fused into split 0 (dh [M, r], A [r, K], T)
+//   dx_lora = dh . A       P = M, red = r, Q = K    U = dh (row)   V = A          (when x_l != x)
+//   dh      = s.dy . B     P = M, red = N, Q = r    U = dy (row)   V = B [N, r]
+//   dB      = s.dy^T . h   P = N, red = M, Q = r    U = dy (trans) V = h [M, r]
+//   dA^T    = x_l^T . dh   P = K, red = M, Q = 2r   U = x_l (trans) V = [dh_hi | dh_lo] [M, 2r]
+//
+// Kernel parameters: p.m = P, p.n = red, p.k = Q (for dx exactly the layer's M, N, K, so an NF4
+// V is indexed like the forward's W), p.lora_rank = r of the fused dh . A steps (0: none).
+//
+// Precision (all sums in f32): dx is rounded to T once. h is rounded to T as the forward rounds
+// it. dh reaches dx's tensor cores rounded to T (as torch holds lora_B's input gradient); for
+// dA it is split into dh_hi = round_T(dh) and dh_lo = round_T(dh - dh_hi), multiplied as two
+// columns blocks of one GEMM and folded by the reduction, so dA sees dh to ~16 (bf16) or ~22
+// (f16) bits instead of 8 or 11 at no measurable cost (those GEMMs are memory-bound). dA and
+// dB are f32.
+//
+// Determinism: no atomics anywhere. A GEMM whose tile grid cannot fill the GPU splits its
+// reduction across blocks (grid.z) that write f32 partial sums [split][P][Q]; a reduction
+// kernel adds them in split order. The partition depends only on the shapes and the SM count.
+//
+// Kernels:
+//   linear_bwd_tc_{nf4,dense}_T   dx on tensor cores, 128 (M) x 128 (K) tiles, 8 warps 2 x 4
+//                                 (warp tile 64 x 32, as the forward), BK = 32 along N: dy
+//                                 tiles [128 m][32 n] exactly like the forward's x tiles
+//                                 (cp.async, 3 stages, ldmatrix); W tiles [32 n][128 k] (rows of
+//                                 W, i.e. the transposed access) with 16-byte chunks swizzled
+//                                 chunk' = chunk ^ (row & 7) and read by ldmatrix.trans. NF4:
+//                                 each thread fetches 8 packed bytes = 16 consecutive k of one
+//                                 row of W (inside one 64-block since K % 16 == 0) plus their
+//                                 absmax for tile kt+1 during the MMAs of tile kt and
+//                                 dequantises them into the other of two shared buffers after.
+//                                 Needs N % 8 == 0 (16-byte dy rows), K % 8 (dense) / K % 16 (NF4).
+//   linear_bwd_tc_thin[_t]_T      the LoRA GEMMs (Q = r or 2r <= 64 per tile): 128 (P) x 64 (Q)
+//                                 tiles, 8 warps 4 x 2 (warp tile 32 x 32), U row (dh) or trans
+//                                 (dB, dA: U tiles [32 red][128 p] by ldmatrix.trans), always
+//                                 writing f32 partials. Needs Q % 8 == 0 and 16-byte U rows.
+//   linear_bwd_simt_{nf4,dense,dense_t}_T  the fallback for everything else (bf16 on sm_75, f32
+//                                 activations, odd shapes): 64 x 64 tiles, f32 FMAs, any shape.
+//   linear_bwd_reduce_T           C = scale . sum of the partials, as f32 (optionally
+//                                 transposed: dA), as T, and/or as T hi/lo column blocks (dh).
+//   linear_bwd_head_{dx,dw}_T     the f32 score head: dx = dy . W (dy f32, dx T), dW = dy^T . x (f32).
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+namespace tcb {
+using tc::BK;
+using tc::STAGES;
+using tc::THREADS;
+constexpr int BP = 128;  // tile rows (P)
+
+// Warp layout of a BP x BQ tile: BQ / 32 warps across Q, the rest across P; each warp owns
+// (BP / WARPS_P) x 32 outputs = MI x NI mma tiles of 16 x 8.
+template <int BQ> struct Layout {
+    static constexpr int WARPS_Q = BQ / 32, WARPS_P = THREADS / 32 / WARPS_Q;
+    static constexpr int WM = BP / WARPS_P, MI = WM / 16, NI = 4;
+    static_assert(WARPS_P * WARPS_Q * 32 == THREADS && MI >= 1, "tile does not fit 8 warps");
+};
+
+// Element offset of 16-byte chunk c of row r in a swizzled [rows][W] tile (W = 64 or 128):
+// chunk' = c ^ (r & 7), so the 8 rows an ldmatrix reads at one logical chunk (8 consecutive
+// rows) fall in 8 distinct bank groups.
+template <int W> __device__ __forceinline__ int swz_rows(int r, int c) { return r * W + ((c ^ (r & 7)) << 3); }
+
+// Rows [r0, r0 + 32) x columns [c0, c0 + W) of a row-major matrix (leading dimension ld) ->
+// a [32][W] tile; rows >= r_end and 8-column chunks at or past c_end are zero-filled.
+template <typename T, int W>
+__device__ __forceinline__ void load_rows_async(T* dst, const T* __restrict__ src, int r0, int r_end, int ld, int c0,
+                                                int c_end) {
+    constexpr int CH = W / 8;
+    static_assert(BK * CH % THREADS == 0, "whole chunks per thread");
+#pragma unroll
+    for (int i = 0; i < BK * CH / THREADS; i++) {
+        const int id = threadIdx.x + i * THREADS;
+        const int r = id / CH, c = id % CH;
+        const int gr = r0 + r, gc = c0 + c * 8;
+        const bool ok = gr < r_end && gc < c_end;
+        const T* g = ok ? src + (size_t)gr * ld + gc : src;
+        cp_async16(dst + swz_rows<W>(r, c), g, ok);
+    }
+}
+
+// Element-wise variant for the fused LoRA steps (A [r][K]: r need not be a multiple of 32).
+template <typename T, int W>
+__device__ __forceinline__ void load_rows_scalar(T* dst, const T* __restrict__ src, int r0, int r_end, int ld, int c0,
+                                                 int c_end) {
+    for (int id = threadIdx.x; id < BK * W; id += THREADS) {
+        const int r = id / W, c = id % W;
+        const int gr = r0 + r, gc = c0 + c;
+        dst[swz_rows<W>(r, c >> 3) + (c & 7)] =
+            (gr < r_end && gc < c_end) ? src[(size_t)gr * ld + gc] : from_f32<T>(0.0f);
+    }
+}
+
+// One thread's share of an NF4 tile [32 n][128 k] of W: 8 packed bytes = the 16 weights
+// W[n, k .. k+15] (row n = red0 + tid / 8, k = q0 + 16 (tid % 8)) and their absmax.
+__device__ __forceinline__ tc::Nf4Regs nf4_fetch_rows(const WeightRef& w, const engine_matmul_params& p, int red0,
+                                                      int red_end, int q0) {
+    const int r = threadIdx.x >> 3, seg = threadIdx.x & 7;
+    const int n = red0 + r, k = q0 + seg * 16;
+    tc::Nf4Regs out;
+    if (n < red_end && k < p.k) {
+        const size_t e = (size_t)n * p.k + k;  // a multiple of 16 (K % 16 == 0): one 64-block
+        out.bytes = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(w.w) + e / 2));
+        out.scale = nf4_absmax(w, p, e / ENGINE_NF4_BLOCK);
+    } else {
+        out.bytes = make_uint2(0, 0);
+        out.scale = 0.0f;
+    }
+    return out;
+}
+
+template <typename T>
+__device__ __forceinline__ void nf4_store_rows(T* dst, const tc::Nf4Regs& q, const float* s_code) {
+    const int r = threadIdx.x >> 3, seg = threadIdx.x & 7;
+    uint32_t out[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const uint32_t word = j < 4 ? q.bytes.x : q.bytes.y;  // little-endian: byte j%4 of the word
+        const uint32_t byte = (word >> (8 * (j & 3))) & 0xffu;
+        const float even = __fmul_rn(s_code[byte >> 4], q.scale);  // high nibble
+        const float odd = __fmul_rn(s_code[byte & 0xfu], q.scale);  // low nibble
+        out[j] = Vec2<T>::pack(even, odd);
+    }
+    *reinterpret_cast<uint4*>(dst + swz_rows<BP>(r, 2 * seg)) = make_uint4(out[0], out[1], out[2], out[3]);
+    *reinterpret_cast<uint4*>(dst + swz_rows<BP>(r, 2 * seg + 1)) = make_uint4(out[4], out[5], out[6], out[7]);
+}
+
+// acc += U_tile . V_tile for one BK step of this warp's (WM x 32) sub-tile.
+//   U row:   [BP p][32 red] tile (the forward's swizzle), A fragments by ldmatrix as the forward.
+//   U trans: [32 red][BP p] tile; ldmatrix.trans of the 8x8 blocks (red 0-7 | 8-15) x (p 0-7 |
+//            8-15) gives a0..a3 = (p 0-7, red 0-7), (p 8-15, red 0-7), (p 0-7, red 8-15),
+//            (p 8-15, red 8-15).
+//   V:       [32 red][BQ q] tile; ldmatrix.x4.trans of (red 0-7, q 0-7), (red 8-15, q 0-7),
+//            (red 0-7, q 8-15), (red 8-15, q 8-15) gives b0, b1 of two n8 tiles.
+template <typename T, bool TRANS_U, int BQ>
+__device__ __forceinline__ void mma_step(const T* Us, const T* Vs, float (&acc)[Layout<BQ>::MI][Layout<BQ>::NI][4],
+                                         int warp_p, int warp_q) {
+    using L = Layout<BQ>;
+    const int lane = threadIdx.x & 31, mat = lane >> 3;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ks++) {
+        uint32_t a[L::MI][4], b[L::NI][2];
+#pragma unroll
+        for (int mi = 0; mi < L::MI; mi++) {
+            if constexpr (TRANS_U) {
+                const int row = ks * 16 + (mat >> 1) * 8 + (lane & 7);
+                const int chunk = (warp_p * L::WM + mi * 16) / 8 + (mat & 1);
+                ldmatrix_x4_trans(a[mi], Us + swz_rows<BP>(row, chunk));
+            } else {
+                const int row = warp_p * L::WM + mi * 16 + (lane & 15);
+                ldmatrix_x4(a[mi], Us + tc::swz(row, ks * 2 + (lane >> 4)));
+            }
+        }
+#pragma unroll
+        for (int nj = 0; nj < L::NI / 2; nj++) {
+            const int row = ks * 16 + (mat & 1) * 8 + (lane & 7);
+            const int chunk = (warp_q * 32 + nj * 16) / 8 + (mat >> 1);
+            uint32_t r[4];
+            ldmatrix_x4_trans(r, Vs + swz_rows<BQ>(row, chunk));
+            b[2 * nj][0] = r[0];
+            b[2 * nj][1] = r[1];
+            b[2 * nj + 1][0] = r[2];
+            b[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < L::MI; mi++)
+#pragma unroll
+            for (int ni = 0; ni < L::NI; ni++) Mma<T>::run(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
+// Shared memory: U stages, V stages (3 dense / 2 NF4), the NF4 code table.
+template <typename T, bool NF4, int BQ> struct Smem {
+    static constexpr int U_TILE = BP * BK, V_TILE = BK * BQ;
+    static constexpr int V_STAGES = NF4 ? 2 : STAGES;
+    static constexpr int BYTES = (STAGES * U_TILE + V_STAGES * V_TILE) * (int)sizeof(T) + (NF4 ? 16 * (int)sizeof(float) : 0);
+    static_assert(BYTES <= 48 * 1024, "static shared memory");
+};
+
+template <typename T, bool NF4, bool TRANS_U, int BQ>
+__device__ void gemm_body(T* __restrict__ out, float* __restrict__ partial, const T* __restrict__ u, WeightRef v,
+                          const T* __restrict__ lora_u, const T* __restrict__ lora_v, engine_matmul_params p,
+                          int red_per_split, const Nf4Table& code) {
+    using L = Layout<BQ>;
+    using S = Smem<T, NF4, BQ>;
+    static_assert(!NF4 || (BQ == BP && !TRANS_U), "NF4 V only for dx");
+    __shared__ __align__(128) unsigned char smem[S::BYTES];
+    T* Us = reinterpret_cast<T*>(smem);
+    T* Vs = Us + STAGES * S::U_TILE;
+    float* s_code = reinterpret_cast<float*>(Vs + S::V_STAGES * S::V_TILE);
+
+    const int P = p.m, RED = p.n, Q = p.k;
+    int tp, tq;
+    raster((P + BP - 1) / BP, (Q + BQ - 1) / BQ, tp, tq);
+    const int p0 = tp * BP, q0 = tq * BQ;
+    const int split = blockIdx.z;
+    const int r_begin = split * red_per_split;
+    const int r_end = min(RED, r_begin + red_per_split);
+    const int nk = r_end > r_begin ? (r_end - r_begin + BK - 1) / BK : 0;
+    const int warp = threadIdx.x >> 5, warp_p = warp / L::WARPS_Q, warp_q = warp % L::WARPS_Q;
+
+    float acc[L::MI][L::NI][4];
+#pragma unroll
+    for (int mi = 0; mi < L::MI; mi++)
+#pragma unroll
+        for (int ni = 0; ni < L::NI; ni++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[mi][ni][c] = 0.0f;
+
+    const T* vd = static_cast<const T*>(v.w);
+    if constexpr (NF4) {
+        load_code_table(s_code, code);
+        __syncthreads();
+    }
+    auto load_u = [&](T* dst, int red0) {
+        if constexpr (TRANS_U)
+            load_rows_async<T, BP>(dst, u, red0, r_end, P, p0, P);
+        else
+            tc::load_tile_async(dst, u, p0, P, RED, red0, r_end);
+    };
+    // Prologue: tiles 0 .. STAGES-2 in flight; the first NF4 tile dequantised.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < nk) {
+            load_u(Us + s * S::U_TILE, r_begin + s * BK);
+            if constexpr (!NF4) load_rows_async<T, BQ>(Vs + s * S::V_TILE, vd, r_begin + s * BK, r_end, Q, q0, Q);
+        }
+        cp_async_commit();
+    }
+    if constexpr (NF4) {
+        if (nk > 0) nf4_store_rows<T>(Vs, nf4_fetch_rows(v, p, r_begin, r_end, q0), s_code);
+    }
+
+    for (int kt = 0; kt < nk; kt++) {
+        cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's copies) ...
+        __syncthreads();              // ... everyone's, and everyone is done with tile kt-1
+        const int pre = kt + STAGES - 1;
+        if (pre < nk) {
+            load_u(Us + (pre % STAGES) * S::U_TILE, r_begin + pre * BK);
+            if constexpr (!NF4)
+                load_rows_async<T, BQ>(Vs + (pre % STAGES) * S::V_TILE, vd, r_begin + pre * BK, r_end, Q, q0, Q);
+        }
+        cp_async_commit();
+        if constexpr (NF4) {
+            tc::Nf4Regs next;
+            const bool more = kt + 1 < nk;
+            if (more) next = nf4_fetch_rows(v, p, r_begin + (kt + 1) * BK, r_end, q0);  // in flight during the MMAs
+            mma_step<T, TRANS_U, BQ>(Us + (kt % STAGES) * S::U_TILE, Vs + (kt & 1) * S::V_TILE, acc, warp_p, warp_q);
+            if (more) nf4_store_rows<T>(Vs + ((kt + 1) & 1) * S::V_TILE, next, s_code);
+        } else {
+            mma_step<T, TRANS_U, BQ>(Us + (kt % STAGES) * S::U_TILE, Vs + (kt % STAGES) * S::V_TILE, acc, warp_p,
+                                     warp_q);
+        }
+    }
+    cp_async_wait<0>();
+
+    // dx's LoRA term: r more reduction steps over [dh | A], in split 0 only.
+    if constexpr (!TRANS_U && BQ == BP) {
+        if (p.lora_rank > 0 && split == 0) {
+            const int R = p.lora_rank;
+            for (int j0 = 0; j0 < R; j0 += BK) {
+                __syncthreads();  // the previous tile's readers are done
+                tc::load_tile_scalar(Us, lora_u, p0, P, R, j0, R);
+                load_rows_scalar<T, BQ>(Vs, lora_v, j0, R, Q, q0, Q);
+                __syncthreads();
+                mma_step<T, false, BQ>(Us, Vs, acc, warp_p, warp_q);
+            }
+        }
+    }
+
+    const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < L::MI; mi++)
+#pragma unroll
+        for (int ni = 0; ni < L::NI; ni++) {
+            const int pp = p0 + warp_p * L::WM + mi * 16 + g;
+            const int qq = q0 + warp_q * 32 + ni * 8 + 2 * t4;
+            if (partial) {
+                float* part = partial + (size_t)split * P * Q;
+                store_pair_f32(part, P, Q, pp, qq, acc[mi][ni][0], acc[mi][ni][1]);
+                store_pair_f32(part, P, Q, pp + 8, qq, acc[mi][ni][2], acc[mi][ni][3]);
+            } else {
+                store_pair(out, P, Q, pp, qq, acc[mi][ni][0], acc[mi][ni][1]);
+                store_pair(out, P, Q, pp + 8, qq, acc[mi][ni][2], acc[mi][ni][3]);
+            }
+        }
+}
+}  // namespace tcb
+
+// ---------------------------------------------------------------------------------------------
+// Backward SIMT fallback
+// ---------------------------------------------------------------------------------------------
+
+namespace simtb {
+using simt::BK;
+using simt::THREADS;
+constexpr int BP = 64, BQ = 64;  // 16 x 16 threads, 4 x 4 outputs each
+
+// V[red, q] as the f32 value of T the tensor cores would see (NF4: W[n, k] rounded to T).
+template <typename T, bool NF4>
+__device__ __forceinline__ float v_at(const WeightRef& v, const engine_matmul_params& p, const float* s_code, int red,
+                                      int q) {
+    return simt::weight_at<T, NF4>(v, p, s_code, red, q);  // flat index red * p.k + q
+}
+
+template <typename T, bool NF4, bool TRANS_U>
+__device__ void gemm_body(T* __restrict__ out, float* __restrict__ partial, const T* __restrict__ u, WeightRef v,
+                          const T* __restrict__ lora_u, const T* __restrict__ lora_v, engine_matmul_params p,
+                          int red_per_split, const Nf4Table& code) {
+    __shared__ float Us[BK][BP + 4];  // [red][p]
+    __shared__ float Vs[BK][BQ + 4];  // [red][q]
+    __shared__ float s_code[16];
+    load_code_table(s_code, code);
+
+    const int P = p.m, RED = p.n, Q = p.k;
+    int tp, tq;
+    raster((P + BP - 1) / BP, (Q + BQ - 1) / BQ, tp, tq);
+    const int p0 = tp * BP, q0 = tq * BQ;
+    const int split = blockIdx.z;
+    const int r_begin = split * red_per_split;
+    const int r_end = min(RED, r_begin + red_per_split);
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;  // q and p of this thread's outputs
+
+    float acc[4][4] = {};
+    auto multiply = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < BK; kk++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = Us[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; j++) b[j] = Vs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+    };
+
+    __syncthreads();  // s_code
+    for (int k0 = r_begin; k0 < r_end; k0 += BK) {
+#pragma unroll
+        for (int l = 0; l < BP * BK / THREADS; l++) {
+            const int id = threadIdx.x + l * THREADS;
+            if constexpr (TRANS_U) {  // U[red][P]: consecutive threads read consecutive p
+                const int c = id / BP, r = id % BP;
+                const int pp = p0 + r, red = k0 + c;
+                Us[c][r] = (pp < P && red < r_end) ? to_f32(u[(size_t)red * P + pp]) : 0.0f;
+            } else {  // U[P][red]: consecutive threads read consecutive red
+                const int r = id / BK, c = id % BK;
+                const int pp = p0 + r, red = k0 + c;
+                Us[c][r] = (pp < P && red < r_end) ? to_f32(u[(size_t)pp * RED + red]) : 0.0f;
+            }
+            const int c = id / BQ, qc = id % BQ;
+            const int red = k0 + c, qq = q0 + qc;
+            Vs[c][qc] = (red < r_end && qq < Q) ? v_at<T, NF4>(v, p, s_code, red, qq) : 0.0f;
+        }
+        __syncthreads();
+        multiply();
+        __syncthreads();
+    }
+
+    if (lora_u != nullptr && p.lora_rank > 0 && split == 0) {
+        const int R = p.lora_rank;
+        for (int j0 = 0; j0 < R; j0 += BK) {
+#pragma unroll
+            for (int l = 0; l < BP * BK / THREADS; l++) {
+                const int id = threadIdx.x + l * THREADS;
+                {
+                    const int r = id / BK, c = id % BK;
+                    const int pp = p0 + r, j = j0 + c;
+                    Us[c][r] = (pp < P && j < R) ? to_f32(lora_u[(size_t)pp * R + j]) : 0.0f;
+                }
+                const int c = id / BQ, qc = id % BQ;
+                const int j = j0 + c, qq = q0 + qc;
+                Vs[c][qc] = (j < R && qq < Q) ? to_f32(lora_v[(size_t)j * Q + qq]) : 0.0f;
+            }
+            __syncthreads();
+            multiply();
+            __syncthreads();
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int pp = p0 + ty + 16 * i;
+        if (pp >= P) continue;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int qq = q0 + tx + 16 * j;
+            if (qq >= Q) continue;
+            if (partial)
+                partial[(size_t)split * P * Q + (size_t)pp * Q + qq] = acc[i][j];
+            else
+                out[(size_t)pp * Q + qq] = from_f32<T>(acc[i][j]);
+        }
+    }
+}
+}  // namespace simtb
+
+// Entry points. Arguments (all backward GEMMs): out (T [P][Q], unused with partials), partial
+// (f32 [splits][P][Q] or null), U, V (v, absmax, absmax_q, absmax2, code8; unused ones null),
+// the fused LoRA operands dh [P][r] and A [r][Q] (null when p.lora_rank == 0), params (p.m = P,
+// p.n = red, p.k = Q), reduction elements per split (a multiple of 64), the NF4 code values.
+#define BWD_ARGS(T)                                                                                                 \
+    T *out, float *partial, const T *u, const void *v, const float *absmax, const uint8_t *absmax_q,               \
+        const float *absmax2, const float *code8, const T *lora_u, const T *lora_v, engine_matmul_params p,        \
+        int red_per_split, Nf4Table code
+#define BWD_BODY(NS, ...)                                                                                           \
+    NS::gemm_body<__VA_ARGS__>(out, partial, u, WeightRef{v, absmax, absmax_q, absmax2, code8}, lora_u, lora_v, p, \
+                               red_per_split, code)
+#define LINEAR_BWD_TC(T, N)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(tc::THREADS, TC_MIN_BLOCKS) linear_bwd_tc_nf4_##N(BWD_ARGS(T)) {  \
+        BWD_BODY(tcb, T, true, false, 128);                                                                         \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(tc::THREADS, TC_MIN_BLOCKS) linear_bwd_tc_dense_##N(BWD_ARGS(T)) { \
+        BWD_BODY(tcb, T, false, false, 128);                                                                        \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(tc::THREADS, 2) linear_bwd_tc_thin_##N(BWD_ARGS(T)) {              \
+        BWD_BODY(tcb, T, false, false, 64);                                                                         \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(tc::THREADS, 2) linear_bwd_tc_thin_t_##N(BWD_ARGS(T)) {            \
+        BWD_BODY(tcb, T, false, true, 64);                                                                          \
+    }
+LINEAR_BWD_TC(bf16, bf16)
+LINEAR_BWD_TC(f16, f16)
+
+#define LINEAR_BWD_SIMT(T, N)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS) linear_bwd_simt_nf4_##N(BWD_ARGS(T)) {             \
+        BWD_BODY(simtb, T, true, false);                                                                            \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS) linear_bwd_simt_dense_##N(BWD_ARGS(T)) {           \
+        BWD_BODY(simtb, T, false, false);                                                                           \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS) linear_bwd_simt_dense_t_##N(BWD_ARGS(T)) {         \
+        BWD_BODY(simtb, T, false, true);                                                                            \
+    }
+ENGINE_FOR_FLOAT_TYPES(LINEAR_BWD_SIMT)
+
+// ---------------------------------------------------------------------------------------------
+// Backward reduction, score head
+// ---------------------------------------------------------------------------------------------
+
+// C[p, q] = scale . (sum over splits of partial[z][p][q]), z in order, for the P x Q outputs.
+// With fold, the partials are [splits][P][2Q] and C[p, q] = scale . (hi + lo), hi and lo the
+// split sums of columns q and Q + q (dA from dh's hi/lo blocks). Writes whichever is non-null:
+//   out_f32  f32, [P][Q], or [Q][P] with transpose;
+//   out_t    T [P][Q];
+//   out_hilo T [P][2Q]: round_T(C) in columns 0..Q-1, round_T(C - that) in Q..2Q-1.
+template <typename T>
+__device__ void bwd_reduce_body(float* __restrict__ out_f32, T* __restrict__ out_t, T* __restrict__ out_hilo,
+                                const float* __restrict__ partial, int P, int Q, int splits, float scale, int transpose,
+                                int fold) {
+    const long long total = (long long)P * Q;
+    const int qw = fold ? 2 * Q : Q;
+    const long long plane = (long long)P * qw;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const int pp = transpose ? (int)(i % P) : (int)(i / Q);
+        const int qq = transpose ? (int)(i / P) : (int)(i % Q);
+        const float* src = partial + (long long)pp * qw + qq;
+        float hi = 0.0f, lo = 0.0f;
+        for (int z = 0; z < splits; z++) {
+            hi += src[z * plane];
+            if (fold) lo += src[z * plane + Q];
+        }
+        const float c = scale * (hi + lo);
+        if (out_f32) out_f32[i] = c;  // i is the output-order index in both layouts
+        if (out_t) out_t[(long long)pp * Q + qq] = from_f32<T>(c);
+        if (out_hilo) {
+            const T h = from_f32<T>(c);
+            out_hilo[(long long)pp * 2 * Q + qq] = h;
+            out_hilo[(long long)pp * 2 * Q + Q + qq] = from_f32<T>(c - to_f32(h));
+        }
+    }
+}
+
+// The score head (dense f32 weight W [N, K], N small): dx[m, k] = sum_n dy[m, n] . W[n, k]
+// with dy f32, rounded to T; one thread per element of dx, n in order.
+template <typename T>
+__device__ void head_dx_body(T* __restrict__ dx, const float* __restrict__ dy, const float* __restrict__ w, int M, int N,
+                             int K) {
+    const long long total = (long long)M * K;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const int m = (int)(i / K), k = (int)(i % K);
+        float s = 0.0f;
+        for (int n = 0; n < N; n++) s += dy[(size_t)m * N + n] * w[(size_t)n * K + k];
+        dx[i] = from_f32<T>(s);
+    }
+}
+
+// dW[n, k] = sum_m dy[m, n] . x[m, k] in f32: one thread per element of dW, m in order (the
+// head sees one row per sequence, so M is small).
+template <typename T>
+__device__ void head_dw_body(float* __restrict__ dw, const float* __restrict__ dy, const T* __restrict__ x, int M, int N,
+                             int K) {
+    const long long total = (long long)N * K;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const int n = (int)(i / K), k = (int)(i % K);
+        float s = 0.0f;
+        for (int m = 0; m < M; m++) s += dy[(size_t)m * N + n] * to_f32(x[(size_t)m * K + k]);
+        dw[i] = s;
+    }
+}
+
+#define LINEAR_BWD_MISC(T, N)                                                                                      \
+    extern "C" __global__ void linear_bwd_reduce_##N(float* out_f32, T* out_t, T* out_hilo, const float* partial, \
+                                                     int P, int Q, int splits, float scale, int transpose,        \
+                                                     int fold) {                                                   \
+        bwd_reduce_body(out_f32, out_t, out_hilo, partial, P, Q, splits, scale, transpose, fold);                  \
+    }                                                                                                              \
+    extern "C" __global__ void linear_bwd_head_dx_##N(T* dx, const float* dy, const float* w, int M, int N_,      \
+                                                      int K) {                                                     \
+        head_dx_body(dx, dy, w, M, N_, K);                                                                         \
+    }                                                                                                              \
+    extern "C" __global__ void linear_bwd_head_dw_##N(float* dw, const float* dy, const T* x, int M, int N_,      \
+                                                      int K) {                                                     \
+        head_dw_body(dw, dy, x, M, N_, K);                                                                         \
+    }
+ENGINE_FOR_FLOAT_TYPES(LINEAR_BWD_MISC)

@@ -134,7 +134,7 @@ pub fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
 }
 
 /// [`linear`] with a separate input for the LoRA path (`x_lora`, the dropped-out `x` when
-/// training with LoRA dropout, as PEFT applies dropout before `lora_A`). CPU only.
+/// training with LoRA dropout, as PEFT applies dropout before `lora_A`).
 pub fn linear_split(x: &Tensor, x_lora: &Tensor, layer: &Linear) -> Result<Tensor> {
     let (t, k) = x.dims2()?;
     let (n, kw) = layer.weight.dims();
@@ -147,10 +147,7 @@ pub fn linear_split(x: &Tensor, x_lora: &Tensor, layer: &Linear) -> Result<Tenso
         );
     }
     match x.device() {
-        Device::Cuda(_) => bail!(
-            Cuda,
-            "LoRA dropout is not supported on the GPU in this build"
-        ),
+        Device::Cuda(_) => cuda::linear_split(x, x_lora, t, k, n, layer),
         Device::Cpu => {
             let y = cpu::linear(
                 x.as_f32_slice()?,
@@ -198,10 +195,7 @@ pub fn linear_backward(
         );
     }
     match x.device() {
-        Device::Cuda(_) => bail!(
-            Cuda,
-            "the CUDA backward kernels are not part of this build: train on the CPU"
-        ),
+        Device::Cuda(_) => cuda::linear_backward(x, x_lora, dy, t, k, n, layer, weight_grad),
         Device::Cpu => {
             let xl = match x_lora {
                 Some(t) => Some(t.as_f32_slice()?),
