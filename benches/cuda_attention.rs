@@ -4,11 +4,18 @@
 //!   (a 4096 window hides nothing in 1536-token rows: the two should time the same);
 //! - Llama-3.1-8B: 32 query / 8 KV heads of 128, no cap, no window.
 //!
+//! Two groups: `cuda_attention` (the forward) and `cuda_attention_backward` (dQ, dK, dV from
+//! the forward's saved output and log-sum-exp, as training calls it: the prep, dK/dV and dQ
+//! kernels).
+//!
 //! Timing synchronises the device before starting and before stopping the clock
 //! (`iter_custom`), so it measures finished kernels, not queued launches. Throughput is in
-//! FLOPs — 4 · head_dim · visible (query, key) pairs · query heads (q·k and p·v, 2 FLOPs per
-//! multiply-add) — so criterion's "elem/s" reads as FLOP/s. Without a GPU it prints a SKIPPED
-//! line and benches nothing.
+//! FLOPs, so criterion's "elem/s" reads as FLOP/s. Forward: 4 · head_dim · visible (query, key)
+//! pairs · query heads (q·k and p·v, 2 FLOPs per multiply-add). Backward: 2.5× that (the
+//! flash-attention-2 convention: five products of the forward's size — S recomputed, dP = dO·Vᵀ,
+//! dV, dK, dQ). The kernels actually compute seven (the dQ kernel recomputes S and dP rather
+//! than adding dQ with atomics, for determinism), so the hardware does 1.4× the FLOPs credited.
+//! Without a GPU it prints a SKIPPED line and benches nothing.
 //!
 //! `cargo bench --bench cuda_attention`
 
@@ -18,7 +25,9 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use engine::cuda::CudaDevice;
 use engine::ops::SeqLayout;
-use engine::ops::attention::{AttentionParams, attention};
+use engine::ops::attention::{
+    AttentionParams, attention, attention_backward_saved, attention_forward_lse,
+};
 use engine::tensor::{DType, Device, Tensor};
 
 const ROW: usize = 1536;
@@ -60,19 +69,9 @@ struct Model {
     windows: &'static [Option<usize>],
 }
 
-fn bench_attention(c: &mut Criterion) {
-    let dev: Arc<CudaDevice> = match engine::cuda::availability() {
-        Ok(_) => engine::cuda::device(0).expect("a visible GPU must open"),
-        Err(why) => {
-            println!("SKIPPED cuda_attention: no GPU ({why})");
-            return;
-        }
-    };
-    let mut g = c.benchmark_group("cuda_attention");
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
-    let models = [
+/// The two models' attention shapes.
+fn models() -> [Model; 2] {
+    [
         Model {
             name: "gemma2-9b",
             nh: 16,
@@ -91,7 +90,21 @@ fn bench_attention(c: &mut Criterion) {
             softcap: None,
             windows: &[None],
         },
-    ];
+    ]
+}
+
+fn bench_attention(c: &mut Criterion) {
+    let dev: Arc<CudaDevice> = match engine::cuda::availability() {
+        Ok(_) => engine::cuda::device(0).expect("a visible GPU must open"),
+        Err(why) => {
+            println!("SKIPPED cuda_attention: no GPU ({why})");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("cuda_attention");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
     for Model {
         name: model,
         nh,
@@ -100,7 +113,7 @@ fn bench_attention(c: &mut Criterion) {
         scale,
         softcap,
         windows,
-    } in models
+    } in models()
     {
         for rows in [1usize, 2, 4] {
             let t = rows * ROW;
@@ -141,5 +154,71 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_attention);
+fn bench_attention_backward(c: &mut Criterion) {
+    let dev: Arc<CudaDevice> = match engine::cuda::availability() {
+        Ok(_) => engine::cuda::device(0).expect("a visible GPU must open"),
+        Err(why) => {
+            println!("SKIPPED cuda_attention_backward: no GPU ({why})");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("cuda_attention_backward");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for Model {
+        name: model,
+        nh,
+        nkv,
+        d,
+        scale,
+        softcap,
+        windows,
+    } in models()
+    {
+        for rows in [1usize, 2, 4] {
+            let t = rows * ROW;
+            let layout = SeqLayout::from_lens(&vec![ROW; rows]);
+            let q = on_gpu(rand(t * nh * d, 1), &[t, nh * d], &dev);
+            let k = on_gpu(rand(t * nkv * d, 2), &[t, nkv * d], &dev);
+            let v = on_gpu(rand(t * nkv * d, 3), &[t, nkv * d], &dev);
+            let dout = on_gpu(rand(t * nh * d, 4), &[t, nh * d], &dev);
+            for &window in windows {
+                let p = AttentionParams {
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: d,
+                    scale,
+                    softcap,
+                    window,
+                };
+                let saved = attention_forward_lse(&q, &k, &v, &layout, &p).expect("forward");
+                // 2.5x the forward's 4 · d · pairs · heads (see the file comment).
+                let flops = 10 * d * nh * rows * visible_pairs(ROW, window);
+                g.throughput(Throughput::Elements(flops as u64));
+                let label = match window {
+                    Some(w) => format!("{model}/window{w}"),
+                    None => format!("{model}/full"),
+                };
+                g.bench_with_input(BenchmarkId::new(label, t), &p, |b, p| {
+                    b.iter_custom(|iters| {
+                        dev.synchronize().expect("synchronize");
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            let grads =
+                                attention_backward_saved(&q, &k, &v, &dout, &saved, &layout, p)
+                                    .expect("attention backward");
+                            drop(grads);
+                        }
+                        dev.synchronize().expect("synchronize");
+                        start.elapsed()
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_attention, bench_attention_backward);
 criterion_main!(benches);

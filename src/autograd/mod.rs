@@ -25,7 +25,9 @@ use crate::bail;
 use crate::error::Result;
 use crate::ops::SeqLayout;
 use crate::ops::activation::{Gate, gated, gated_backward};
-use crate::ops::attention::{AttentionParams, attention, attention_backward};
+use crate::ops::attention::{
+    AttentionParams, attention, attention_backward_saved, attention_forward_lse,
+};
 use crate::ops::elementwise::{add, mul};
 use crate::ops::embedding::{embed, gather_rows, gather_rows_backward};
 use crate::ops::linear::{Linear, linear, linear_backward, linear_split};
@@ -319,15 +321,20 @@ impl<'a> Graph<'a> {
         layout: &SeqLayout,
         p: &AttentionParams,
     ) -> Result<Var> {
-        let y = attention(&q.t, &k.t, &v.t, layout, p)?;
         if !self.record || (q.node.is_none() && k.node.is_none() && v.node.is_none()) {
+            let y = attention(&q.t, &k.t, &v.t, layout, p)?;
             return Ok(Var { t: y, node: None });
         }
+        // The GPU forward also leaves the log-sum-exp of every row of logits, so the backward
+        // needs no second forward; the output tensor is shared with the graph, not copied.
+        let saved = attention_forward_lse(&q.t, &k.t, &v.t, layout, p)?;
+        let y = saved.out.clone();
         let (qt, kt, vt, layout, p) = (q.t.clone(), k.t.clone(), v.t.clone(), layout.clone(), *p);
         let node = self.push(
             vec![q.node, k.node, v.node],
             Some(Box::new(move |dy, _| {
-                let (dq, dk, dv) = attention_backward(&qt, &kt, &vt, &dy, &layout, &p)?;
+                let (dq, dk, dv) =
+                    attention_backward_saved(&qt, &kt, &vt, &dy, &saved, &layout, &p)?;
                 Ok(vec![Some(dq), Some(dk), Some(dv)])
             })),
         );

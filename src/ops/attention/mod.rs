@@ -36,6 +36,30 @@ pub fn attention(
     layout: &SeqLayout,
     p: &AttentionParams,
 ) -> Result<Tensor> {
+    check_args(q, k, v, layout, p)?;
+    match q.device() {
+        Device::Cuda(_) => cuda::attention(q, k, v, layout, p),
+        Device::Cpu => {
+            let y = cpu::attention(
+                q.as_f32_slice()?,
+                k.as_f32_slice()?,
+                v.as_f32_slice()?,
+                layout,
+                p,
+            );
+            Tensor::from_f32(y, q.shape())
+        }
+    }
+}
+
+/// The shape checks of [`attention`].
+fn check_args(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    layout: &SeqLayout,
+    p: &AttentionParams,
+) -> Result<()> {
     let t = layout.total_tokens();
     if p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
         bail!(
@@ -63,27 +87,79 @@ pub fn attention(
     if p.window == Some(0) {
         bail!(Shape, "attention: a sliding window of 0 sees nothing");
     }
+    Ok(())
+}
+
+/// What the forward leaves for [`attention_backward_saved`].
+#[derive(Clone, Debug)]
+pub struct AttentionSaved {
+    /// The forward's output (`q`'s shape and dtype).
+    pub out: Tensor,
+    /// On the GPU, the log-sum-exp of every (token, query head)'s logits, `[tokens, n_heads]`
+    /// f32 (natural log): the backward recomputes the probabilities from it without a second
+    /// forward. `None` on the CPU, whose backward recomputes everything.
+    pub lse: Option<Tensor>,
+}
+
+/// [`attention`], keeping what [`attention_backward_saved`] reuses: the output and, on the GPU,
+/// the log-sum-exp (written by the same forward kernel, at no extra cost worth measuring).
+pub fn attention_forward_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    layout: &SeqLayout,
+    p: &AttentionParams,
+) -> Result<AttentionSaved> {
+    check_args(q, k, v, layout, p)?;
     match q.device() {
-        Device::Cuda(_) => cuda::attention(q, k, v, layout, p),
-        Device::Cpu => {
-            let y = cpu::attention(
-                q.as_f32_slice()?,
-                k.as_f32_slice()?,
-                v.as_f32_slice()?,
-                layout,
-                p,
-            );
-            Tensor::from_f32(y, q.shape())
+        Device::Cuda(_) => {
+            let (out, lse) = cuda::attention_lse(q, k, v, layout, p)?;
+            Ok(AttentionSaved {
+                out,
+                lse: Some(lse),
+            })
         }
+        Device::Cpu => Ok(AttentionSaved {
+            out: attention(q, k, v, layout, p)?,
+            lse: None,
+        }),
     }
 }
 
-/// (dq, dk, dv) of [`attention`] for the upstream gradient `dout` (`q`'s shape).
+/// (dq, dk, dv) of [`attention`] for the upstream gradient `dout` (`q`'s shape). On the GPU
+/// this first recomputes the forward (output and log-sum-exp);
+/// [`attention_backward_saved`] reuses the ones [`attention_forward_lse`] kept instead.
 pub fn attention_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     dout: &Tensor,
+    layout: &SeqLayout,
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward(q, k, v, dout, None, layout, p)
+}
+
+/// [`attention_backward`] reusing the forward's output and log-sum-exp (from
+/// [`attention_forward_lse`] on the same inputs). The CPU ignores `saved`.
+pub fn attention_backward_saved(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    saved: &AttentionSaved,
+    layout: &SeqLayout,
+    p: &AttentionParams,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward(q, k, v, dout, Some(saved), layout, p)
+}
+
+fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    saved: Option<&AttentionSaved>,
     layout: &SeqLayout,
     p: &AttentionParams,
 ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -98,10 +174,11 @@ pub fn attention_backward(
         );
     }
     match q.device() {
-        Device::Cuda(_) => bail!(
-            Cuda,
-            "the CUDA backward kernels are not part of this build: train on the CPU"
-        ),
+        Device::Cuda(_) => {
+            check_args(q, k, v, layout, p)?;
+            let saved = saved.and_then(|s| s.lse.as_ref().map(|lse| (&s.out, lse)));
+            cuda::attention_backward(q, k, v, dout, saved, layout, p)
+        }
         Device::Cpu => {
             let (dq, dk, dv) = cpu::attention_backward(
                 q.as_f32_slice()?,
