@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cuda;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod infer;
