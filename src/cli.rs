@@ -39,6 +39,10 @@ pub enum Command {
     Infer(InferArgs),
     /// Log loss and accuracy of a prediction file against a labelled CSV.
     Eval(EvalArgs),
+    /// Weighted average of prediction files; with --labels, search the weights.
+    Ensemble(crate::ensemble::EnsembleArgs),
+    /// Join the shard files of `engine infer --shard K/N` into one submission.
+    Merge(crate::merge::MergeArgs),
     /// Write a random-initialised model directory (Hugging Face layout).
     InitModel(InitArgs),
     /// Run the bundled tiny model on the bundled sample rows.
@@ -116,6 +120,23 @@ pub struct InferArgs {
     /// Most rows in one packed batch.
     #[arg(long, default_value_t = 64)]
     pub batch_rows: usize,
+    /// Run on these GPUs (comma-separated ordinals, e.g. 0,1): one worker and model copy per
+    /// GPU, batches handed to whichever is free next. Implies --device cuda.
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Option<Vec<usize>>,
+    /// Test-time augmentation: also score every row with A and B swapped and average.
+    #[arg(long)]
+    pub tta: bool,
+    /// Score only shard K of N (rows i with i mod N = K, 0 ≤ K < N) into a shard file for
+    /// `engine merge`.
+    #[arg(long)]
+    pub shard: Option<crate::shard::Shard>,
+    /// Pack rows in file order instead of longest first (to measure what sorting is worth).
+    #[arg(long)]
+    pub no_sort: bool,
+    /// Several CPU workers, each with its own model copy (stands in for GPUs in tests).
+    #[arg(long, hide = true)]
+    pub cpu_workers: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -166,6 +187,15 @@ pub struct TrainArgs {
     pub init_adapter: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Data-parallel training on these GPUs (comma-separated ordinals): one rank per GPU,
+    /// gradients summed with NCCL. Implies --device cuda. Under torchrun (RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) this process is one rank and uses
+    /// GPU LOCAL_RANK (or the LOCAL_RANK-th of this list).
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Option<Vec<usize>>,
+    /// Several CPU ranks in this process (stands in for GPUs in tests).
+    #[arg(long, hide = true)]
+    pub cpu_ranks: Option<usize>,
     /// Quantise the frozen base projections (QLoRA with nf4).
     #[arg(long, value_enum, default_value = "none")]
     pub quant: QuantArg,
@@ -266,10 +296,56 @@ impl TrainArgs {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect();
+        let launched = crate::dist::launch_env()?;
+        let mut single_gpu = None;
+        let on_gpu = self.device == DeviceArg::Cuda || self.gpus.is_some();
+        let ranks = match (&self.gpus, self.cpu_ranks, launched) {
+            (Some(_), Some(_), _) => {
+                return Err(Error::Usage(
+                    "--gpus and --cpu-ranks exclude each other".into(),
+                ));
+            }
+            (None, Some(n), _) => crate::train::Ranks::CpuThreads(n.max(1)),
+            (gpus, None, Some(env)) if on_gpu => {
+                let gpu = match gpus {
+                    Some(list) => *list.get(env.local_rank).ok_or_else(|| {
+                        Error::Usage(format!(
+                            "LOCAL_RANK={} but --gpus lists only {} GPU(s)",
+                            env.local_rank,
+                            list.len()
+                        ))
+                    })?,
+                    None => env.local_rank,
+                };
+                crate::train::Ranks::Launched(env, gpu)
+            }
+            (Some(list), None, _) => {
+                let count = crate::cuda::availability()
+                    .map_err(|why| Error::Usage(format!("--gpus: {why}")))?;
+                let mut seen = std::collections::HashSet::new();
+                for &g in list {
+                    if g >= count {
+                        return Err(Error::Usage(format!(
+                            "--gpus: GPU {g} does not exist ({count} visible)"
+                        )));
+                    }
+                    if !seen.insert(g) {
+                        return Err(Error::Usage(format!("--gpus: GPU {g} is listed twice")));
+                    }
+                }
+                if list.len() == 1 {
+                    single_gpu = Some(list[0]);
+                    crate::train::Ranks::Single
+                } else {
+                    crate::train::Ranks::Gpus(list.clone())
+                }
+            }
+            (None, None, _) => crate::train::Ranks::Single,
+        };
         let model_args = ModelArgs {
             model: self.model.clone(),
             adapter: self.init_adapter.clone(),
-            device: self.device,
+            device: if on_gpu { DeviceArg::Cuda } else { self.device },
             dtype: None,
             quant: self.quant,
             double_quant: self.double_quant,
@@ -293,8 +369,12 @@ impl TrainArgs {
                 "--lora-dropout {lora_dropout} must be in [0, 1)"
             )));
         }
+        let mut load = model_args.load_options()?;
+        if let Some(g) = single_gpu {
+            load.device = Device::Cuda(g);
+        }
         Ok(crate::train::TrainOptions {
-            load: model_args.load_options()?,
+            load,
             model: self.model.clone(),
             data: self.data.clone(),
             out: self.out.clone(),
@@ -334,6 +414,7 @@ impl TrainArgs {
             resume: self.resume,
             log_file: self.log_file.clone(),
             progress: !self.quiet,
+            ranks,
         })
     }
 }
@@ -443,8 +524,38 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Infer(a) => {
+            let load = a.model.load_options()?;
+            let workers = match (&a.gpus, a.cpu_workers) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::Usage(
+                        "--gpus and --cpu-workers exclude each other".into(),
+                    ));
+                }
+                (Some(gpus), None) => {
+                    let count = crate::cuda::availability()
+                        .map_err(|why| Error::Usage(format!("--gpus: {why}")))?;
+                    let mut seen = std::collections::HashSet::new();
+                    for &g in gpus {
+                        if g >= count {
+                            return Err(Error::Usage(format!(
+                                "--gpus: GPU {g} does not exist ({count} visible)"
+                            )));
+                        }
+                        if !seen.insert(g) {
+                            return Err(Error::Usage(format!("--gpus: GPU {g} is listed twice")));
+                        }
+                    }
+                    gpus.iter().map(|&g| Device::Cuda(g)).collect()
+                }
+                (None, Some(n)) => vec![Device::Cpu; n.max(1)],
+                (None, None) => vec![load.device],
+            };
             let opts = InferOptions {
-                load: a.model.load_options()?,
+                load,
+                workers,
+                tta: a.tta,
+                shard: a.shard,
+                sort: !a.no_sort,
                 model: a.model.model.clone(),
                 tokenizer: a.model.tokenizer.clone(),
                 format: a.model.format,
@@ -456,6 +567,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 progress: !a.quiet,
             };
             let r = infer::run(&opts)?;
+            if r.workers.len() > 1 {
+                for w in &r.workers {
+                    eprintln!(
+                        "  {}: {} batches, {} sequences, {} tokens, busy {:.2}s ({:.0} tokens/s), load {:.2}s",
+                        w.name,
+                        w.batches,
+                        w.rows,
+                        w.tokens,
+                        w.busy_seconds,
+                        w.tokens as f64 / w.busy_seconds.max(1e-9),
+                        w.load_seconds
+                    );
+                }
+            }
             eprintln!(
                 "scored {} rows ({} tokens) in {:.2}s: {:.1} rows/s, {:.0} tokens/s (load {:.2}s)",
                 r.rows,
@@ -485,6 +610,8 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Ensemble(a) => crate::ensemble::run_cli(a),
+        Command::Merge(a) => crate::merge::run_cli(a),
         Command::InitModel(a) => {
             let t = Instant::now();
             let params = init_model::run(&InitOptions {

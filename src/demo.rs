@@ -33,6 +33,10 @@ pub fn run(out_dir: &Path) -> Result<()> {
         max_length: 512,
         batch_tokens: 8192,
         batch_rows: 64,
+        workers: vec![crate::tensor::Device::Cpu],
+        tta: false,
+        shard: None,
+        sort: true,
         progress: true,
     };
     let r = infer::run(&opts)?;

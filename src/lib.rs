@@ -2,7 +2,7 @@
 //! LMSYS Chatbot Arena task, on hand-written kernels with no ML framework.
 //!
 //! Layers, each using only those below it:
-//! - [`cli`] → [`infer`], [`eval`], [`init_model`], [`demo`]
+//! - [`cli`] → [`infer`], [`train`], [`eval`], [`ensemble`], [`merge`], [`init_model`], [`demo`]
 //! - [`models`] (one file per backbone) → [`lora`] (PEFT adapters)
 //! - [`ops`] (one folder per op family, CPU twin beside each)
 //! - [`weights`] (safetensors), [`quant`] (NF4), [`data`] (CSV → tokens → batches)

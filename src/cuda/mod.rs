@@ -194,6 +194,13 @@ impl CudaDevice {
             .store(self.bytes_in_use(), Ordering::Relaxed);
     }
 
+    /// Make this device's context current on the calling thread (each worker thread of a
+    /// multi-GPU run calls it once before its first raw driver call).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread()?;
+        Ok(())
+    }
+
     /// A kernel by module and name (`<op>_<dtype>`), loading the module on first use.
     pub fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
         let mut cache = self

@@ -52,10 +52,30 @@ impl TokenBatch {
 pub fn plan_batches(lens: &[usize], max_tokens: usize, max_rows: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lens.len()).collect();
     order.sort_by(|&a, &b| lens[b].cmp(&lens[a]).then(a.cmp(&b)));
+    pack_in_order(&order, lens, max_tokens, max_rows)
+}
+
+/// Group rows in file order under the same limits (no sorting): what a pipeline without length
+/// sorting computes, kept to measure what sorting is worth (`engine infer --no-sort`).
+pub fn plan_batches_unsorted(
+    lens: &[usize],
+    max_tokens: usize,
+    max_rows: usize,
+) -> Vec<Vec<usize>> {
+    let order: Vec<usize> = (0..lens.len()).collect();
+    pack_in_order(&order, lens, max_tokens, max_rows)
+}
+
+fn pack_in_order(
+    order: &[usize],
+    lens: &[usize],
+    max_tokens: usize,
+    max_rows: usize,
+) -> Vec<Vec<usize>> {
     let mut batches = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
     let mut cur_tokens = 0;
-    for i in order {
+    for &i in order {
         if !cur.is_empty() && (cur_tokens + lens[i] > max_tokens || cur.len() >= max_rows) {
             batches.push(std::mem::take(&mut cur));
             cur_tokens = 0;
@@ -96,5 +116,21 @@ mod tests {
         }
         assert_eq!(b[1], vec![1]);
         assert_eq!(b[2], vec![3]);
+        // Longest first: batch maxima never increase.
+        let max: Vec<usize> = b
+            .iter()
+            .map(|x| x.iter().map(|&i| lens[i]).max().unwrap())
+            .collect();
+        assert!(max.windows(2).all(|w| w[0] >= w[1]), "{max:?}");
+    }
+
+    #[test]
+    fn unsorted_batches_keep_file_order_under_the_same_limits() {
+        let lens = [5, 40, 3, 40, 12, 100, 7, 7];
+        let b = plan_batches_unsorted(&lens, 50, 3);
+        assert_eq!(
+            b,
+            vec![vec![0, 1, 2], vec![3], vec![4], vec![5], vec![6, 7]]
+        );
     }
 }

@@ -1,8 +1,18 @@
 //! `engine infer`: score every row of an arena CSV and write a submission.
 //!
 //! Rows are tokenised once (in parallel), sorted longest first and packed into batches under
-//! a token budget, run through the model, and their probabilities put back in input order.
-//! The submission is written atomically only after every row is scored.
+//! a token budget, handed to whichever worker (one per GPU, [`pool`]) is free next, and their
+//! probabilities put back in input order. The submission is written atomically only after
+//! every row is scored; if workers fail and rows stay unscored, the finished rows go to
+//! `<out>.partial.csv` (a shard file, which `engine merge` refuses as incomplete) and the run
+//! fails naming each failed device and the rows it held.
+//!
+//! With test-time augmentation every row is also scored with A and B swapped (the `turns`
+//! format swaps their tokens exactly); the swapped run's A and B probabilities are exchanged
+//! back and averaged with the plain run's. With `--shard K/N` only the rows i with
+//! i mod N = K are scored, into a shard file for `engine merge`.
+
+pub mod pool;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,7 +20,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::data::batch::{TokenBatch, plan_batches};
+use crate::data::batch::{TokenBatch, plan_batches, plan_batches_unsorted};
 use crate::data::csv::{ArenaRow, Labels, read_arena_csv};
 use crate::data::format::{Encoder, TextFormat};
 use crate::error::{Error, Result};
@@ -18,6 +28,8 @@ use crate::io::AtomicFile;
 use crate::metrics;
 use crate::models::{self, LoadOptions, Model, ModelHeader};
 use crate::predictions;
+use crate::shard::{self, Shard};
+use crate::tensor::Device;
 
 /// Everything `engine infer` needs.
 #[derive(Clone, Debug)]
@@ -34,6 +46,15 @@ pub struct InferOptions {
     pub batch_tokens: usize,
     /// Row limit of one packed batch.
     pub batch_rows: usize,
+    /// One worker per device, each with its own model copy (`load.device` is ignored). Several
+    /// CPU workers stand in for GPUs in tests.
+    pub workers: Vec<Device>,
+    /// Also score every row with A and B swapped and average.
+    pub tta: bool,
+    /// Score only this shard of the rows, into a shard file.
+    pub shard: Option<Shard>,
+    /// Sort rows by length before packing (off only to measure what sorting is worth).
+    pub sort: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -49,8 +70,10 @@ pub struct InferReport {
     pub log_loss: Option<f64>,
     pub accuracy: Option<f64>,
     pub out: PathBuf,
-    /// Peak device memory of the run (GPU runs only).
+    /// Peak device memory of the run (GPU runs only; the largest over the GPUs).
     pub peak_gpu_bytes: Option<usize>,
+    /// What each worker did.
+    pub workers: Vec<pool::WorkerStats>,
 }
 
 impl InferReport {
@@ -139,12 +162,56 @@ pub fn predict(
     Ok(out)
 }
 
+/// A model on one device, scoring packed batches.
+struct ModelScorer(Model);
+
+impl pool::Scorer for ModelScorer {
+    fn score(&mut self, rows: &[&[u32]]) -> Result<Vec<[f64; 3]>> {
+        let batch = TokenBatch::from_rows(rows);
+        models::probabilities(&self.0.forward(&batch)?)
+    }
+}
+
+/// Exchange A and B of a probability triple.
+pub fn swap_ab(p: [f64; 3]) -> [f64; 3] {
+    [p[1], p[0], p[2]]
+}
+
+/// The test-time-augmented prediction: the plain one averaged with the swapped row's, whose A
+/// and B are exchanged back.
+pub fn tta_average(plain: [f64; 3], swapped: [f64; 3]) -> [f64; 3] {
+    let s = swap_ab(swapped);
+    [
+        0.5 * (plain[0] + s[0]),
+        0.5 * (plain[1] + s[1]),
+        0.5 * (plain[2] + s[2]),
+    ]
+}
+
 /// Run `engine infer`.
 pub fn run(opts: &InferOptions) -> Result<InferReport> {
     let data = read_arena_csv(&opts.data, Labels::IfPresent)?;
     for w in data.warnings() {
         eprintln!("warning: {w}");
     }
+    if opts.workers.is_empty() {
+        return Err(Error::Usage("no device to run on".into()));
+    }
+    let total_rows = data.rows.len();
+    // The input rows this run scores (all of them, or one shard's).
+    let picked: Vec<usize> = match opts.shard {
+        Some(s) => s.rows(total_rows),
+        None => (0..total_rows).collect(),
+    };
+    if let Some(s) = opts.shard
+        && picked.is_empty()
+    {
+        return Err(Error::Usage(format!(
+            "--shard {s}: {} has only {total_rows} rows, so this shard would be empty",
+            opts.data.display()
+        )));
+    }
+    let rows: Vec<&ArenaRow> = picked.iter().map(|&i| &data.rows[i]).collect();
     // Everything that can fail fast does so before the weights are read.
     let mut out_file = AtomicFile::create(&opts.out)?;
     let header = models::read_header(&opts.model)?;
@@ -156,51 +223,202 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         opts.max_length,
     )?;
     let t0 = Instant::now();
-    let ids = tokenize(&encoder, &data.rows)?;
-    let model = models::load(&opts.model, &opts.load)?;
-    let info = model.info();
-    eprintln!(
-        "model: {} ({} layers, hidden {}, {:.1}M parameters, {:.2} GiB of weights on {}; score head: {})",
-        info.model_type,
-        info.num_layers,
-        info.hidden_size,
-        info.parameters as f64 / 1e6,
-        info.weight_bytes as f64 / (1u64 << 30) as f64,
-        opts.load.device,
-        info.score_source
-    );
-    let load_seconds = t0.elapsed().as_secs_f64();
-    let tokens: usize = ids.iter().map(Vec::len).sum();
+    // Sequences: the rows, then (with TTA) the same rows with A and B swapped.
+    let owned: Vec<ArenaRow> = rows.iter().map(|r| (*r).clone()).collect();
+    let mut seqs = tokenize(&encoder, &owned)?;
+    if opts.tta {
+        let swapped: Vec<ArenaRow> = owned.iter().map(ArenaRow::swapped).collect();
+        seqs.extend(tokenize(&encoder, &swapped)?);
+    }
+    let tokenize_seconds = t0.elapsed().as_secs_f64();
+    let tokens: usize = seqs.iter().map(Vec::len).sum();
+    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let batches = if opts.sort {
+        plan_batches(&lens, opts.batch_tokens, opts.batch_rows)
+    } else {
+        plan_batches_unsorted(&lens, opts.batch_tokens, opts.batch_rows)
+    };
 
+    let names: Vec<String> = opts
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(w, d)| {
+            if opts.workers.iter().filter(|e| *e == d).count() > 1 {
+                format!("{d}#{w}")
+            } else {
+                d.to_string()
+            }
+        })
+        .collect();
+    eprintln!(
+        "{} rows{}{} → {} sequences, {} tokens, {} batches (≤ {} tokens) on {}",
+        rows.len(),
+        opts.shard
+            .map(|s| format!(" (shard {s} of {total_rows})"))
+            .unwrap_or_default(),
+        if opts.tta { ", TTA" } else { "" },
+        seqs.len(),
+        tokens,
+        batches.len(),
+        opts.batch_tokens,
+        names.join(", ")
+    );
     let bar = opts.progress.then(|| {
-        let b = ProgressBar::with_draw_target(
-            Some(data.rows.len() as u64),
-            ProgressDrawTarget::stderr(),
-        );
+        let b =
+            ProgressBar::with_draw_target(Some(seqs.len() as u64), ProgressDrawTarget::stderr());
         b.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} rows  {per_sec}  {msg}  ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} sequences  {per_sec}  {msg}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b
     });
-    let t1 = Instant::now();
-    let probs = predict(
-        &model,
-        &ids,
-        opts.batch_tokens,
-        opts.batch_rows,
-        bar.as_ref(),
-    )?;
-    let seconds = t1.elapsed().as_secs_f64();
-    if let Some(b) = bar {
+    let described = std::sync::atomic::AtomicBool::new(false);
+    let make = |w: usize| -> Result<ModelScorer> {
+        let device = opts.workers[w];
+        if let Device::Cuda(i) = device {
+            crate::cuda::device(i)?.bind()?;
+        }
+        let load = LoadOptions {
+            device,
+            ..opts.load.clone()
+        };
+        let model = models::load(&opts.model, &load)?;
+        if !described.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let info = model.info();
+            eprintln!(
+                "model: {} ({} layers, hidden {}, {:.1}M parameters, {:.2} GiB of weights per device; score head: {})",
+                info.model_type,
+                info.num_layers,
+                info.hidden_size,
+                info.parameters as f64 / 1e6,
+                info.weight_bytes as f64 / (1u64 << 30) as f64,
+                info.score_source
+            );
+        }
+        Ok(ModelScorer(model))
+    };
+    let n_rows = rows.len();
+    let validate = |idx: &[usize], probs: &[[f64; 3]]| -> Result<()> {
+        match idx
+            .iter()
+            .zip(probs)
+            .find(|(_, p)| p.iter().any(|v| !v.is_finite()))
+        {
+            Some((&i, _)) => {
+                let r = i % n_rows;
+                Err(Error::Msg(format!(
+                    "row {} (id {}{}): the model produced non-finite probabilities; check the \
+                     checkpoint for inf/NaN weights and config.json for invalid values (rms_norm_eps, rope_theta)",
+                    picked[r] + 1,
+                    rows[r].id,
+                    if i >= n_rows { ", A and B swapped" } else { "" }
+                )))
+            }
+            None => Ok(()),
+        }
+    };
+    let start = Instant::now();
+    let mut done_tokens = 0usize;
+    let result = pool::run(&names, make, &seqs, &batches, &validate, |n, t| {
+        done_tokens += t;
+        if let Some(b) = &bar {
+            b.inc(n as u64);
+            b.set_message(format!(
+                "{:.0} tokens/s",
+                done_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            ));
+        }
+    });
+    if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let row_ids: Vec<String> = data.rows.iter().map(|r| r.id.clone()).collect();
-    predictions::write_to(&mut out_file, &opts.out, &row_ids, &probs)?;
+    let result = result?;
+    let seconds = start.elapsed().as_secs_f64();
+    let load_seconds = tokenize_seconds
+        + result
+            .workers
+            .iter()
+            .map(|w| w.load_seconds)
+            .fold(0.0, f64::max);
+    for f in &result.failures {
+        let ids: Vec<&str> = f
+            .held
+            .iter()
+            .map(|&i| rows[i % n_rows].id.as_str())
+            .collect();
+        eprintln!(
+            "error: {} failed{}: {}",
+            f.worker,
+            if ids.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " holding {} row(s) (ids {}{})",
+                    ids.len(),
+                    ids.iter().take(8).copied().collect::<Vec<_>>().join(", "),
+                    if ids.len() > 8 { ", …" } else { "" }
+                )
+            },
+            f.error
+        );
+    }
+
+    // A row is done when its sequence (and, with TTA, its swapped twin) is.
+    let combined: Vec<Option<[f64; 3]>> = (0..n_rows)
+        .map(|r| match (result.probs[r], opts.tta) {
+            (Some(p), false) => Some(p),
+            (Some(p), true) => result.probs[n_rows + r].map(|s| tta_average(p, s)),
+            (None, _) => None,
+        })
+        .collect();
+    let missing: Vec<usize> = (0..n_rows).filter(|&r| combined[r].is_none()).collect();
+    if !missing.is_empty() {
+        drop(out_file);
+        let partial = partial_path(&opts.out);
+        let done: Vec<usize> = (0..n_rows).filter(|&r| combined[r].is_some()).collect();
+        let mut f = AtomicFile::create(&partial)?;
+        shard::write_to(
+            &mut f,
+            &partial,
+            opts.shard.unwrap_or(Shard { index: 0, count: 1 }),
+            total_rows,
+            &done.iter().map(|&r| picked[r]).collect::<Vec<_>>(),
+            &done.iter().map(|&r| rows[r].id.clone()).collect::<Vec<_>>(),
+            &done.iter().filter_map(|&r| combined[r]).collect::<Vec<_>>(),
+        )?;
+        f.commit()?;
+        return Err(Error::Msg(format!(
+            "{} of {} rows were not scored because {} worker(s) failed (see above); the {} finished \
+             rows are in {} (not a submission); {} was not written",
+            missing.len(),
+            n_rows,
+            result.failures.len(),
+            done.len(),
+            partial.display(),
+            opts.out.display()
+        )));
+    }
+    let probs: Vec<[f64; 3]> = combined.into_iter().flatten().collect();
+    let row_ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    match opts.shard {
+        Some(s) => shard::write_to(
+            &mut out_file,
+            &opts.out,
+            s,
+            total_rows,
+            &picked,
+            &row_ids,
+            &probs,
+        )?,
+        None => predictions::write_to(&mut out_file, &opts.out, &row_ids, &probs)?,
+    }
     out_file.commit()?;
 
-    let (log_loss, accuracy) = if data.has_labels && !data.rows.is_empty() {
-        let labels: Vec<[f64; 3]> = data.rows.iter().filter_map(|r| r.label).collect();
+    let (log_loss, accuracy) = if data.has_labels && n_rows > 0 {
+        let labels: Vec<[f64; 3]> = rows.iter().filter_map(|r| r.label).collect();
         (
             Some(metrics::log_loss(&labels, &probs)),
             Some(metrics::accuracy(&labels, &probs)),
@@ -208,17 +426,32 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
     } else {
         (None, None)
     };
+    let mut peak = None;
+    for d in &opts.workers {
+        if let Device::Cuda(i) = d {
+            let p = crate::cuda::device(*i)?.peak_bytes();
+            peak = Some(peak.map_or(p, |q: usize| q.max(p)));
+        }
+    }
     Ok(InferReport {
-        rows: data.rows.len(),
+        rows: n_rows,
         tokens,
         load_seconds,
         seconds,
         log_loss,
         accuracy,
         out: opts.out.clone(),
-        peak_gpu_bytes: match opts.load.device {
-            crate::tensor::Device::Cuda(i) => Some(crate::cuda::device(i)?.peak_bytes()),
-            crate::tensor::Device::Cpu => None,
-        },
+        peak_gpu_bytes: peak,
+        workers: result.workers,
     })
+}
+
+/// Where the finished rows of a failed run go: `<out>.partial.csv`.
+pub fn partial_path(out: &std::path::Path) -> PathBuf {
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".partial.csv");
+    out.with_file_name(name)
 }

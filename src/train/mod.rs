@@ -9,11 +9,22 @@
 //! same micro-batch. Rows are visited in a seeded per-epoch permutation (or file order), so a
 //! run is reproducible and a checkpoint's data position (epoch, micro-batch) is enough to
 //! resume it exactly.
+//!
+//! Data parallel ([`Ranks`]): every rank holds the whole model and the same plan; of a step's
+//! `grad_accum` micro-batches, rank r computes those with index i ≡ r (mod world), and the
+//! weighted gradient sums are added over the ranks ([`crate::dist::Collective`], NCCL on GPUs)
+//! before clipping and AdamW, so every rank takes the same step. `grad_accum` therefore counts
+//! micro-batches per step over all ranks: the global batch (and the result, up to summation
+//! order) is the same whatever the number of GPUs. Dropout masks are seeded by the global
+//! micro-batch index. Rank 0 alone logs, evaluates, checkpoints and writes the adapter; at the
+//! start it broadcasts its optimiser state and data position, so a resumed run needs the
+//! checkpoint only where rank 0 runs.
 
 pub mod optim;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -26,6 +37,7 @@ use crate::bail;
 use crate::data::batch::TokenBatch;
 use crate::data::csv::{Labels, read_arena_csv};
 use crate::data::format::TextFormat;
+use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::lora::{AdapterSpec, init_lora, write_adapter};
 use crate::models::{self, LoadOptions, Model};
@@ -102,6 +114,8 @@ pub struct Trainer {
     pub opt: AdamW,
     pub names: Vec<String>,
     pub pos: Position,
+    /// The data-parallel group this trainer is one rank of ([`Solo`] when alone).
+    pub comm: Arc<dyn Collective>,
 }
 
 impl Trainer {
@@ -126,7 +140,91 @@ impl Trainer {
             model,
             hyper,
             pos: Position::default(),
+            comm: Arc::new(Solo),
         })
+    }
+
+    /// Make this trainer one rank of `comm`'s group.
+    pub fn with_comm(mut self, comm: Arc<dyn Collective>) -> Self {
+        self.comm = comm;
+        self
+    }
+
+    /// Give every rank rank 0's optimiser state (masters and moments), step count and data
+    /// position, after checking that all ranks train the same tensors.
+    pub fn sync_from_root(&mut self) -> Result<()> {
+        let comm = self.comm.clone();
+        if comm.world() == 1 {
+            return Ok(());
+        }
+        let root = comm.rank() == 0;
+        // The same trainable tensors everywhere: a 32-bit hash of names and shapes, summed.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (name, t) in self.model.trainable() {
+            for b in name.bytes().chain(format!("{:?}", t.shape()).bytes()) {
+                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        let h = (h & 0xffff_ffff) as f64;
+        let sums = comm.all_reduce_host(&[h, if root { h } else { 0.0 }])?;
+        if sums[0] != sums[1] * comm.world() as f64 {
+            bail!(
+                Usage,
+                "rank {}: the ranks do not train the same LoRA tensors (different --target-modules, \
+                 --lora-r, --freeze-layers or --init-adapter?)",
+                comm.rank()
+            );
+        }
+        let device = self
+            .model
+            .trainable()
+            .first()
+            .map(|(_, t)| t.device())
+            .unwrap_or(crate::tensor::Device::Cpu);
+        let mut flat = Vec::new();
+        for [p, m, v] in self.opt.export()? {
+            for x in [p, m, v] {
+                let n = x.len();
+                flat.push(Tensor::from_f32(x, &[n])?.to_device(device)?);
+            }
+        }
+        let flat = comm.broadcast(&flat, 0)?;
+        let mut slots = Vec::with_capacity(flat.len() / 3);
+        for c in flat.chunks(3) {
+            slots.push([c[0].to_f32_vec()?, c[1].to_f32_vec()?, c[2].to_f32_vec()?]);
+        }
+        let mine = [
+            self.pos.epoch as f64,
+            self.pos.micro as f64,
+            self.pos.step as f64,
+            self.opt.step as f64,
+        ];
+        let pos = comm.all_reduce_host(&if root { mine } else { [0.0; 4] })?;
+        self.opt.import(slots, pos[3] as u64)?;
+        self.pos = Position {
+            epoch: pos[0] as usize,
+            micro: pos[1] as usize,
+            step: pos[2] as usize,
+        };
+        self.refresh_model()
+    }
+
+    /// Put the optimiser's masters into the model, in each parameter's own dtype.
+    fn refresh_model(&mut self) -> Result<()> {
+        let dtypes: Vec<DType> = self
+            .model
+            .trainable()
+            .iter()
+            .map(|(_, t)| t.dtype())
+            .collect();
+        let values = self
+            .opt
+            .params()?
+            .iter()
+            .zip(dtypes)
+            .map(|(p, d)| cast(p, d))
+            .collect::<Result<Vec<_>>>()?;
+        self.model.set_trainable(values)
     }
 
     /// Micro-batches per epoch and optimiser steps per epoch for `n` examples.
@@ -213,10 +311,14 @@ impl Trainer {
                 .scheduler
                 .factor(self.pos.step, self.hyper.warmup_steps, total_steps);
         let mut acc: Option<Vec<Tensor>> = None;
-        let mut losses = Vec::with_capacity(micro_batches.len());
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let mut losses = vec![0.0; micro_batches.len()];
         let mut tokens = 0;
         let weight = 1.0 / micro_batches.len() as f32;
         for (i, mb) in micro_batches.iter().enumerate() {
+            if i % world != rank {
+                continue; // another rank's micro-batch
+            }
             let mut rows: Vec<(&[u32], [f64; 3])> = Vec::new();
             for &e in mb {
                 let ex = &examples[e];
@@ -232,7 +334,7 @@ impl Trainer {
             }
             let seed = self.hyper.seed ^ ((self.pos.step as u64) << 20) ^ i as u64;
             let (loss, grads, n) = self.micro_batch(&rows, seed)?;
-            losses.push(loss);
+            losses[i] = loss;
             tokens += n;
             // The step's gradient is the mean of the micro-batch gradients.
             acc = Some(match acc {
@@ -253,8 +355,30 @@ impl Trainer {
                     .collect::<Result<_>>()?,
             });
         }
-        let grads = acc
-            .ok_or_else(|| Error::Msg("an optimiser step needs at least one micro-batch".into()))?;
+        if micro_batches.is_empty() {
+            bail!(Msg, "an optimiser step needs at least one micro-batch");
+        }
+        let grads = match acc {
+            Some(g) => g,
+            // This rank had no micro-batch in this (short, last) step: it adds zeros.
+            None => self
+                .model
+                .trainable()
+                .iter()
+                .map(|(_, t)| Tensor::zeros(t.shape(), DType::F32, t.device()))
+                .collect::<Result<_>>()?,
+        };
+        let grads = if world > 1 {
+            let mut host = losses.clone();
+            host.push(tokens as f64);
+            let sums = self.comm.all_reduce_host(&host)?;
+            tokens = sums[losses.len()] as usize;
+            let n = losses.len();
+            losses.copy_from_slice(&sums[..n]);
+            self.comm.all_reduce_sum(&grads)?
+        } else {
+            grads
+        };
         let grad_norm = self.opt.grad_norm(&grads)?;
         self.opt.update(
             &grads,
@@ -262,20 +386,7 @@ impl Trainer {
             clip_coefficient(grad_norm, self.hyper.max_grad_norm),
         )?;
         // The model computes with the masters in each parameter's own dtype (bf16 LoRA on a GPU).
-        let dtypes: Vec<DType> = self
-            .model
-            .trainable()
-            .iter()
-            .map(|(_, t)| t.dtype())
-            .collect();
-        let values = self
-            .opt
-            .params()?
-            .iter()
-            .zip(dtypes)
-            .map(|(p, d)| cast(p, d))
-            .collect::<Result<Vec<_>>>()?;
-        self.model.set_trainable(values)?;
+        self.refresh_model()?;
         self.pos.step += 1;
         let loss = losses.iter().sum::<f64>() / losses.len() as f64;
         Ok(StepRecord {
@@ -445,6 +556,23 @@ pub struct TrainOptions {
     pub resume: bool,
     pub log_file: Option<PathBuf>,
     pub progress: bool,
+    /// One process and device, or a data-parallel group.
+    pub ranks: Ranks,
+}
+
+/// How many ranks train, and where.
+#[derive(Clone, Debug, Default)]
+pub enum Ranks {
+    /// One rank on `load.device`.
+    #[default]
+    Single,
+    /// One rank per listed GPU, all in this process (threads), over NCCL.
+    Gpus(Vec<usize>),
+    /// This process is one rank of a group launched by torchrun (or by hand with the same
+    /// variables), on this GPU, over NCCL.
+    Launched(crate::dist::LaunchEnv, usize),
+    /// Several CPU ranks in this process (threads), standing in for GPUs in tests.
+    CpuThreads(usize),
 }
 
 /// What a run did.
@@ -583,8 +711,130 @@ pub fn evaluate(model: &Model, examples: &[Example]) -> Result<f64> {
     Ok(crate::metrics::log_loss(&labels, &probs))
 }
 
-/// Run `engine train`.
+/// Run `engine train`: one rank, or a data-parallel group ([`Ranks`]). The report is rank 0's
+/// (in a launched group, this process's).
 pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
+    let h = &opts.hyper;
+    if h.batch_size == 0 || h.grad_accum == 0 || h.epochs == 0 {
+        bail!(
+            Usage,
+            "--batch-size, --grad-accum and --epochs must be at least 1"
+        );
+    }
+    let world = match &opts.ranks {
+        Ranks::Single => 1,
+        Ranks::Gpus(g) => g.len(),
+        Ranks::Launched(env, _) => env.world,
+        Ranks::CpuThreads(n) => *n,
+    };
+    if world > 1 && !h.grad_accum.is_multiple_of(world) {
+        eprintln!(
+            "warning: --grad-accum {} is not a multiple of the {world} ranks: some ranks idle in part of \
+             every step (--grad-accum counts the micro-batches of a step over all ranks)",
+            h.grad_accum
+        );
+    }
+    let group = |comms: Vec<Arc<dyn Collective>>, devices: Vec<crate::tensor::Device>| {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .zip(devices)
+                .map(|(comm, device)| {
+                    scope.spawn(move || {
+                        let rank = comm.rank();
+                        let r = run_rank(opts, device, comm.clone());
+                        if r.is_err() {
+                            // Unblock the ranks waiting for this one in a collective.
+                            comm.abort();
+                        }
+                        (rank, r)
+                    })
+                })
+                .collect();
+            let mut report = None;
+            let mut first_err = None;
+            for h in handles {
+                match h.join() {
+                    Ok((0, Ok(r))) => report = Some(r),
+                    Ok((_, Ok(_))) => {}
+                    Ok((rank, Err(e))) => {
+                        if first_err.is_none() {
+                            first_err = Some(e.context(format!("rank {rank}")));
+                        }
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(Error::Msg("a training rank panicked".into()));
+                    }
+                }
+            }
+            match (first_err, report) {
+                (Some(e), _) => Err(e),
+                (None, Some(r)) => Ok(r),
+                (None, None) => Err(Error::Msg("rank 0 returned no report".into())),
+            }
+        })
+    };
+    match &opts.ranks {
+        Ranks::Single => run_rank(opts, opts.load.device, Arc::new(Solo)),
+        Ranks::CpuThreads(n) => {
+            let comms: Vec<Arc<dyn Collective>> = crate::dist::thread_group((*n).max(1))
+                .into_iter()
+                .map(|c| Arc::new(c) as Arc<dyn Collective>)
+                .collect();
+            let devices = vec![crate::tensor::Device::Cpu; comms.len()];
+            group(comms, devices)
+        }
+        Ranks::Gpus(gpus) => {
+            let comms: Vec<Arc<dyn Collective>> = crate::dist::nccl_group(gpus)?
+                .into_iter()
+                .map(|c| Arc::new(c) as Arc<dyn Collective>)
+                .collect();
+            let devices = gpus
+                .iter()
+                .map(|&g| crate::tensor::Device::Cuda(g))
+                .collect();
+            group(comms, devices)
+        }
+        Ranks::Launched(env, gpu) => {
+            let fingerprint = run_fingerprint(opts);
+            let comm = Arc::new(crate::dist::nccl_from_env(env, *gpu, fingerprint)?);
+            let r = run_rank(opts, crate::tensor::Device::Cuda(*gpu), comm.clone());
+            if r.is_err() {
+                comm.abort();
+            }
+            r
+        }
+    }
+}
+
+/// A hash of the settings every rank of a launched group must share.
+fn run_fingerprint(opts: &TrainOptions) -> u64 {
+    let text = format!(
+        "{}|{}|{:?}|{:?}|{:?}|{}",
+        opts.model.display(),
+        opts.data.display(),
+        opts.hyper,
+        opts.lora,
+        opts.format,
+        opts.max_length
+    );
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// One rank of `engine train` on `device`.
+fn run_rank(
+    opts: &TrainOptions,
+    device: crate::tensor::Device,
+    comm: Arc<dyn Collective>,
+) -> Result<TrainReport> {
+    if let crate::tensor::Device::Cuda(i) = device {
+        crate::cuda::device(i)?.bind()?;
+    }
+    let root = comm.rank() == 0;
     let h = &opts.hyper;
     if h.batch_size == 0 || h.grad_accum == 0 || h.epochs == 0 {
         bail!(
@@ -616,8 +866,9 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
     }
 
     let ckpt = checkpoint_dir(&opts.out);
-    let resuming = opts.resume && ckpt.join("trainer_state.json").exists();
-    if opts.resume && !resuming {
+    // Only rank 0 reads the checkpoint; it hands its state to the others below.
+    let resuming = root && opts.resume && ckpt.join("trainer_state.json").exists();
+    if root && opts.resume && !resuming {
         eprintln!(
             "note: --resume: no checkpoint at {}, starting fresh",
             ckpt.display()
@@ -626,6 +877,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
     let base = opts.model.to_string_lossy().into_owned();
     // The starting adapter: the checkpoint's when resuming, else --init-adapter, else fresh.
     let mut load = opts.load.clone();
+    load.device = device;
     if resuming {
         load.adapter = Some(ckpt.clone());
     }
@@ -643,7 +895,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
         format: format!("{:?}", opts.format),
         max_length: opts.max_length,
     };
-    let mut trainer = Trainer::new(model, opts.hyper.clone())?;
+    let mut trainer = Trainer::new(model, opts.hyper.clone())?.with_comm(comm.clone());
     if resuming {
         let state = load_checkpoint(&ckpt, &mut trainer)?;
         let mut diffs = Vec::new();
@@ -683,9 +935,12 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
             trainer.pos.micro
         );
     }
+    trainer.sync_from_root()?;
+    // Rank 0 alone reports, evaluates and writes.
+    let eval = if root { eval } else { None };
 
     let total = trainer.total_steps(examples.len());
-    let mut log = match &opts.log_file {
+    let mut log = match opts.log_file.as_ref().filter(|_| root) {
         Some(p) => Some(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -695,7 +950,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
         ),
         None => None,
     };
-    let bar = opts.progress.then(|| {
+    let bar = (opts.progress && root).then(|| {
         let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
         b.set_style(
             ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  ETA {eta}")
@@ -745,7 +1000,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
                 rec.loss, rec.lr, tps
             ));
         }
-        if opts.checkpoint_every > 0 && t.pos.step % opts.checkpoint_every == 0 && !done {
+        if root && opts.checkpoint_every > 0 && t.pos.step % opts.checkpoint_every == 0 && !done {
             save_checkpoint(&ckpt, &spec, t, &state_for(t))?;
         }
         Ok(())
@@ -753,9 +1008,11 @@ pub fn run(opts: &TrainOptions) -> Result<TrainReport> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    write_adapter(&opts.out, &spec, &trainer.adapter_tensors()?)?;
-    if ckpt.exists() {
-        let _ = std::fs::remove_dir_all(&ckpt);
+    if root {
+        write_adapter(&opts.out, &spec, &trainer.adapter_tensors()?)?;
+        if ckpt.exists() {
+            let _ = std::fs::remove_dir_all(&ckpt);
+        }
     }
     Ok(TrainReport {
         tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
