@@ -1,7 +1,8 @@
 //! The command line: parse arguments, call one function per subcommand, map errors to exit
 //! codes (0 success, 1 failure, 2 bad usage).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -137,6 +138,10 @@ pub struct InferArgs {
     /// Several CPU workers, each with its own model copy (stands in for GPUs in tests).
     #[arg(long, hide = true)]
     pub cpu_workers: Option<usize>,
+    /// Append one JSON line with the run's metrics (rows, tokens, seconds, rows/s, tokens/s,
+    /// peak GPU memory, per-worker counts and busy time, settings) to this file.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -567,6 +572,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 progress: !a.quiet,
             };
             let r = infer::run(&opts)?;
+            if let Some(path) = &a.log_file {
+                append_infer_metrics(path, &opts, &r)?;
+            }
             if r.workers.len() > 1 {
                 for w in &r.workers {
                     eprintln!(
@@ -632,6 +640,52 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(a) => demo::run(&a.out_dir),
     }
+}
+
+/// One JSON line describing an `engine infer` run, appended to `path`.
+fn append_infer_metrics(path: &Path, opts: &InferOptions, r: &infer::InferReport) -> Result<()> {
+    let workers: Vec<serde_json::Value> = r
+        .workers
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "name": w.name,
+                "batches": w.batches,
+                "sequences": w.rows,
+                "tokens": w.tokens,
+                "busy_s": w.busy_seconds,
+                "load_s": w.load_seconds,
+            })
+        })
+        .collect();
+    let line = serde_json::json!({
+        "event": "infer",
+        "model": opts.model.display().to_string(),
+        "data": opts.data.display().to_string(),
+        "out": r.out.display().to_string(),
+        "rows": r.rows,
+        "tokens": r.tokens,
+        "seconds": r.seconds,
+        "load_s": r.load_seconds,
+        "rows_per_s": r.rows as f64 / r.seconds.max(1e-9),
+        "tokens_per_s": r.tokens_per_second(),
+        "peak_gpu_bytes": r.peak_gpu_bytes,
+        "log_loss": r.log_loss,
+        "accuracy": r.accuracy,
+        "sort": opts.sort,
+        "tta": opts.tta,
+        "shard": opts.shard.map(|s| s.to_string()),
+        "max_length": opts.max_length,
+        "batch_tokens": opts.batch_tokens,
+        "batch_rows": opts.batch_rows,
+        "workers": workers,
+    });
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(path, e))
 }
 
 /// Exit code for an error.

@@ -78,7 +78,12 @@ fn cpu_workers_reproduce_the_single_worker_submission_exactly() {
     let o = infer(
         &demo_csv(),
         &dir.path().join("three.csv"),
-        &["--cpu-workers", "3"],
+        &[
+            "--cpu-workers",
+            "3",
+            "--log-file",
+            dir.path().join("metrics.jsonl").to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let three = std::fs::read_to_string(dir.path().join("three.csv")).unwrap();
@@ -98,6 +103,23 @@ fn cpu_workers_reproduce_the_single_worker_submission_exactly() {
         .collect();
     assert_eq!(shares.len(), 3, "{e}");
     assert_eq!(shares.iter().sum::<usize>(), rows(&one).len(), "{e}");
+    // The metrics line says the same.
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    let m: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(m["rows"], rows(&one).len());
+    assert_eq!(m["sort"], true);
+    let workers = m["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 3, "{log}");
+    let seqs: u64 = workers
+        .iter()
+        .map(|w| w["sequences"].as_u64().unwrap())
+        .sum();
+    let tokens: u64 = workers.iter().map(|w| w["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(seqs as usize, rows(&one).len());
+    assert_eq!(Some(tokens), m["tokens"].as_u64());
+    assert!(m["tokens_per_s"].as_f64().unwrap() > 0.0, "{log}");
 }
 
 #[test]
