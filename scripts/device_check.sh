@@ -16,6 +16,9 @@
 #              transformers (needs ~40 GB of disk and several minutes)
 #   train    — only with FULL=1: full-size QLoRA training steps (seq 1536 / 1280, the recipes,
 #              checkpointing on), engine vs transformers + PEFT (scripts/device_full_train.sh)
+#   multi    — only with FULL=1: full-size Gemma-2-9B inference sorted vs file order vs --tta on
+#              the same rows, the 25,000-row 2×T4 projection from per-batch costs, and a
+#              one-rank torchrun-style training job through NCCL (scripts/device_multi.sh)
 # Environment: STAGES="tests benches torch" to choose stages; SKIP_FLEX=1 to skip FlexAttention
 # (its compile takes ~30 s); TEST_TIMEOUT / BENCH_TIMEOUT / TORCH_TIMEOUT bound each binary.
 # With a short lease, run `STAGES=tests` first (the kernels' correctness), then
@@ -72,7 +75,7 @@ run() {
     mkdir -p /work && ln -s "$PWD" /work/main
   fi
   local stages=${STAGES:-tests benches torch}
-  [ "${FULL:-0}" = 1 ] && stages="$stages full train"
+  [ "${FULL:-0}" = 1 ] && stages="$stages full train multi"
   [ -d "$dev_dir" ] || tar -C target -xJf target/device.tar.xz
   # The test binaries find the engine binary and the fixtures where cargo built them.
   mkdir -p target/release && cp "$dev_dir/engine" target/release/engine
@@ -102,6 +105,8 @@ run() {
         scripts/device_full.sh "$out" 2>&1 | tee "$out/full.log" ;;
       train)
         scripts/device_full_train.sh "$out" 2>&1 | tee "$out/full_train.log" ;;
+      multi)
+        scripts/device_multi.sh "$out" 2>&1 | tee "$out/multi.log" ;;
     esac
   done
   python3 scripts/device_report.py "$out" | tee "$out/report.md"

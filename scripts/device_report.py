@@ -117,6 +117,26 @@ def main():
             p = params.get(r["model"]) or r.get("params")
             mfu = f"{4 * p * r['tokens_per_step'] / (r['ms_per_step'] / 1e3) / tf_peak:.0%}" if p and tf_peak else "-"
             lines.append(f"| {r['model']} | {r['impl']} | {r['ms_per_step']:.0f} | {r['tokens_per_s']:.0f} | {mfu} | {r['peak_gib']:.1f} |")
+    multi = os.path.join(out, "multi.jsonl")
+    if os.path.exists(multi):
+        runs = [json.loads(l) for l in open(multi) if l.strip()]
+        base = next((r for r in runs if r["sort"] and not r["tta"]), None)
+        lines += ["", "| gemma-2-9b nf4 inference, same rows | rows/s | tokens/s | time vs sorted | peak GiB |", "|---|---|---|---|---|"]
+        for r in runs:
+            kind = "--tta" if r["tta"] else ("longest first" if r["sort"] else "file order (--no-sort)")
+            rel = f"{r['seconds'] / base['seconds']:.2f}×" if base else "-"
+            lines.append(f"| {kind} | {r['rows_per_s']:.1f} | {r['tokens_per_s']:.0f} | {rel} | {(r['peak_gpu_bytes'] or 0) / 2**30:.1f} |")
+    proj = os.path.join(out, "projection.json")
+    if os.path.exists(proj):
+        p = json.load(open(proj))
+        lines += ["", f"25,000 rows ({p['lengths']}, mean {p['mean_length']:.0f} tokens): "
+                  f"{p['measured_gpu_minutes']:.1f} min measured here; PROJECTED 2×T4 "
+                  f"{p['projected_2xT4_minutes']:.0f} min (×{p['t4_factor']:.1f} peak ratio), "
+                  f"{p['projected_2xT4_minutes_at_2/3_sustained']:.0f} min at 2/3 sustained; target ≤ 80 min."]
+    dp = os.path.join(out, "multi_dp.json")
+    if os.path.exists(dp):
+        d = json.load(open(dp))
+        lines.append(f"Launched one-rank NCCL training vs plain GPU run: max |Δ| adapter {d['max_abs_diff']:.3g} over {d['tensors']} tensors.")
     print("\n".join(lines))
 
 

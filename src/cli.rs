@@ -658,6 +658,12 @@ fn append_infer_metrics(path: &Path, opts: &InferOptions, r: &infer::InferReport
             })
         })
         .collect();
+    // [worker, rows, tokens, longest, seconds] per batch, in the order they finished.
+    let batches: Vec<serde_json::Value> = r
+        .timings
+        .iter()
+        .map(|b| serde_json::json!([b.worker, b.rows, b.tokens, b.max_len, b.seconds]))
+        .collect();
     let line = serde_json::json!({
         "event": "infer",
         "model": opts.model.display().to_string(),
@@ -679,6 +685,7 @@ fn append_infer_metrics(path: &Path, opts: &InferOptions, r: &infer::InferReport
         "batch_tokens": opts.batch_tokens,
         "batch_rows": opts.batch_rows,
         "workers": workers,
+        "batches": batches,
     });
     let mut f = std::fs::OpenOptions::new()
         .create(true)

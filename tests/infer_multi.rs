@@ -120,6 +120,18 @@ fn cpu_workers_reproduce_the_single_worker_submission_exactly() {
     assert_eq!(seqs as usize, rows(&one).len());
     assert_eq!(Some(tokens), m["tokens"].as_u64());
     assert!(m["tokens_per_s"].as_f64().unwrap() > 0.0, "{log}");
+    // Per batch: [worker, rows, tokens, longest, seconds]; they add up to the run.
+    let batches = m["batches"].as_array().unwrap();
+    let col = |k: usize| -> u64 { batches.iter().map(|b| b[k].as_u64().unwrap()).sum() };
+    assert_eq!(col(1) as usize, rows(&one).len());
+    assert_eq!(Some(col(2)), m["tokens"].as_u64());
+    for b in batches {
+        assert!(
+            b[0].as_u64().unwrap() < 3 && b[4].as_f64().unwrap() >= 0.0,
+            "{b}"
+        );
+        assert!(b[3].as_u64().unwrap() * b[1].as_u64().unwrap() >= b[2].as_u64().unwrap());
+    }
 }
 
 #[test]

@@ -74,6 +74,8 @@ pub struct InferReport {
     pub peak_gpu_bytes: Option<usize>,
     /// What each worker did.
     pub workers: Vec<pool::WorkerStats>,
+    /// Every batch's size and time, in the order they finished.
+    pub timings: Vec<pool::BatchTiming>,
 }
 
 impl InferReport {
@@ -443,6 +445,7 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         out: opts.out.clone(),
         peak_gpu_bytes: peak,
         workers: result.workers,
+        timings: result.timings,
     })
 }
 

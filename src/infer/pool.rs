@@ -48,6 +48,18 @@ pub struct WorkerFailure {
     pub held: Vec<usize>,
 }
 
+/// One scored batch, in the order batches finished: what per-token costs by length are
+/// measured from (each call returns host probabilities, so the time includes the device's).
+#[derive(Clone, Copy, Debug)]
+pub struct BatchTiming {
+    pub worker: usize,
+    pub rows: usize,
+    pub tokens: usize,
+    /// The longest sequence of the batch.
+    pub max_len: usize,
+    pub seconds: f64,
+}
+
 /// The outcome of [`run`].
 #[derive(Debug)]
 pub struct PoolResult {
@@ -55,6 +67,7 @@ pub struct PoolResult {
     pub probs: Vec<Option<[f64; 3]>>,
     pub workers: Vec<WorkerStats>,
     pub failures: Vec<WorkerFailure>,
+    pub timings: Vec<BatchTiming>,
 }
 
 impl PoolResult {
@@ -112,6 +125,7 @@ where
         })
         .collect();
     let mut failures = Vec::new();
+    let mut timings = Vec::with_capacity(batches.len());
     let mut queue: VecDeque<usize> = (0..batches.len()).collect();
     let mut attempts = vec![0usize; batches.len()];
     let mut settled = 0usize; // batches scored or given up
@@ -186,6 +200,13 @@ where
                     s.rows += idx.len();
                     s.tokens += tokens;
                     s.busy_seconds += seconds;
+                    timings.push(BatchTiming {
+                        worker: w,
+                        rows: idx.len(),
+                        tokens,
+                        max_len: idx.iter().map(|&i| seqs[i].len()).max().unwrap_or(0),
+                        seconds,
+                    });
                     settled += 1;
                     progress(idx.len(), tokens);
                     dispatch(w, &mut queue, &mut job_tx, &mut busy);
@@ -234,6 +255,7 @@ where
         probs,
         workers: stats,
         failures,
+        timings,
     })
 }
 
