@@ -325,19 +325,7 @@ impl TrainArgs {
                 crate::train::Ranks::Launched(env, gpu)
             }
             (Some(list), None, _) => {
-                let count = crate::cuda::availability()
-                    .map_err(|why| Error::Usage(format!("--gpus: {why}")))?;
-                let mut seen = std::collections::HashSet::new();
-                for &g in list {
-                    if g >= count {
-                        return Err(Error::Usage(format!(
-                            "--gpus: GPU {g} does not exist ({count} visible)"
-                        )));
-                    }
-                    if !seen.insert(g) {
-                        return Err(Error::Usage(format!("--gpus: GPU {g} is listed twice")));
-                    }
-                }
+                check_gpus(list)?;
                 if list.len() == 1 {
                     single_gpu = Some(list[0]);
                     crate::train::Ranks::Single
@@ -537,19 +525,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     ));
                 }
                 (Some(gpus), None) => {
-                    let count = crate::cuda::availability()
-                        .map_err(|why| Error::Usage(format!("--gpus: {why}")))?;
-                    let mut seen = std::collections::HashSet::new();
-                    for &g in gpus {
-                        if g >= count {
-                            return Err(Error::Usage(format!(
-                                "--gpus: GPU {g} does not exist ({count} visible)"
-                            )));
-                        }
-                        if !seen.insert(g) {
-                            return Err(Error::Usage(format!("--gpus: GPU {g} is listed twice")));
-                        }
-                    }
+                    check_gpus(gpus)?;
                     gpus.iter().map(|&g| Device::Cuda(g)).collect()
                 }
                 (None, Some(n)) => vec![Device::Cpu; n.max(1)],
@@ -640,6 +616,23 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(a) => demo::run(&a.out_dir),
     }
+}
+
+/// `--gpus`: every GPU exists here and is listed once.
+fn check_gpus(list: &[usize]) -> Result<()> {
+    let count =
+        crate::cuda::availability().map_err(|why| Error::Usage(format!("--gpus: {why}")))?;
+    for (i, &g) in list.iter().enumerate() {
+        if g >= count {
+            return Err(Error::Usage(format!(
+                "--gpus: GPU {g} does not exist ({count} visible)"
+            )));
+        }
+        if list[..i].contains(&g) {
+            return Err(Error::Usage(format!("--gpus: GPU {g} is listed twice")));
+        }
+    }
+    Ok(())
 }
 
 /// One JSON line describing an `engine infer` run, appended to `path`.

@@ -36,29 +36,8 @@ pub fn write_to(f: &mut AtomicFile, path: &Path, ids: &[String], probs: &[[f64; 
 
 /// Read a prediction file: ids in file order with their probabilities.
 pub fn read(path: &Path) -> Result<Vec<(String, [f64; 3])>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(file);
-    let headers = rdr
-        .headers()
-        .map_err(|e| {
-            Error::data(
-                path,
-                None,
-                None,
-                format!("cannot read the header line: {e}"),
-            )
-        })?
-        .clone();
-    let col = |n: &str| headers.iter().position(|h| h.trim() == n);
-    let mut cols = Vec::new();
-    for name in std::iter::once("id").chain(LABEL_COLUMNS) {
-        cols.push(
-            col(name)
-                .ok_or_else(|| Error::data(path, None, None, format!("missing column `{name}`")))?,
-        );
-    }
+    let names: Vec<&str> = std::iter::once("id").chain(LABEL_COLUMNS).collect();
+    let (mut rdr, cols) = open_with_columns(path, &names, |_| "")?;
     let mut out = Vec::new();
     let mut seen = HashMap::new();
     for (i, rec) in rdr.records().enumerate() {
@@ -75,23 +54,68 @@ pub fn read(path: &Path) -> Result<Vec<(String, [f64; 3])>> {
             ));
         }
         let mut p = [0f64; 3];
-        for k in 0..3 {
-            let raw = rec.get(cols[k + 1]).unwrap_or("").trim();
-            let v: f64 = raw
-                .parse()
-                .ok()
-                .filter(|v: &f64| v.is_finite() && (0.0..=1.0).contains(v))
-                .ok_or_else(|| {
-                    Error::data(
-                        path,
-                        Some(row),
-                        Some(LABEL_COLUMNS[k]),
-                        format!("id {id}: `{raw}` is not a probability"),
-                    )
-                })?;
-            p[k] = v;
+        for (k, v) in p.iter_mut().enumerate() {
+            *v = probability(path, row, k, &id, rec.get(cols[k + 1]).unwrap_or(""))?;
         }
         out.push((id, p));
     }
     Ok(out)
+}
+
+/// Open a CSV file and find the columns `names` in its header (in that order). A missing
+/// column is an error naming the file and the column, followed by `hint(name)`.
+pub(crate) fn open_with_columns(
+    path: &Path,
+    names: &[&str],
+    hint: impl Fn(&str) -> &'static str,
+) -> Result<(csv::Reader<std::fs::File>, Vec<usize>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(file);
+    let headers = rdr
+        .headers()
+        .map_err(|e| {
+            Error::data(
+                path,
+                None,
+                None,
+                format!("cannot read the header line: {e}"),
+            )
+        })?
+        .clone();
+    let cols = names
+        .iter()
+        .map(|&name| {
+            headers
+                .iter()
+                .position(|h| h.trim() == name)
+                .ok_or_else(|| {
+                    Error::data(
+                        path,
+                        None,
+                        None,
+                        format!("missing column `{name}`{}", hint(name)),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((rdr, cols))
+}
+
+/// The probability in column `LABEL_COLUMNS[k]` of data row `row` (1-based): a finite number
+/// in [0, 1].
+pub(crate) fn probability(path: &Path, row: usize, k: usize, id: &str, raw: &str) -> Result<f64> {
+    let raw = raw.trim();
+    raw.parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && (0.0..=1.0).contains(v))
+        .ok_or_else(|| {
+            Error::data(
+                path,
+                Some(row),
+                Some(LABEL_COLUMNS[k]),
+                format!("id {id}: `{raw}` is not a probability"),
+            )
+        })
 }

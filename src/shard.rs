@@ -15,6 +15,7 @@ use std::str::FromStr;
 use crate::data::csv::LABEL_COLUMNS;
 use crate::error::{Error, Result};
 use crate::io::AtomicFile;
+use crate::predictions;
 
 /// The extra columns of a shard file, after the prediction columns.
 pub const SHARD_COLUMNS: [&str; 3] = ["row", "total_rows", "shard"];
@@ -113,36 +114,17 @@ pub fn write_to(
 
 /// Read a shard file, checking every cell (the error names the file, row and column).
 pub fn read(path: &Path) -> Result<ShardFile> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(file);
-    let headers = rdr
-        .headers()
-        .map_err(|e| {
-            Error::data(
-                path,
-                None,
-                None,
-                format!("cannot read the header line: {e}"),
-            )
-        })?
-        .clone();
-    let col = |n: &str| headers.iter().position(|h| h.trim() == n);
-    let mut cols = Vec::new();
-    for name in std::iter::once("id")
+    let names: Vec<&str> = std::iter::once("id")
         .chain(LABEL_COLUMNS)
         .chain(SHARD_COLUMNS)
-    {
-        cols.push(col(name).ok_or_else(|| {
-            let hint = if SHARD_COLUMNS.contains(&name) {
-                " (not a shard file: write shards with `engine infer --shard K/N`)"
-            } else {
-                ""
-            };
-            Error::data(path, None, None, format!("missing column `{name}`{hint}"))
-        })?);
-    }
+        .collect();
+    let (mut rdr, cols) = predictions::open_with_columns(path, &names, |name| {
+        if SHARD_COLUMNS.contains(&name) {
+            " (not a shard file: write shards with `engine infer --shard K/N`)"
+        } else {
+            ""
+        }
+    })?;
     let mut shard: Option<Shard> = None;
     let mut total_rows: Option<usize> = None;
     let mut rows = Vec::new();
@@ -154,19 +136,7 @@ pub fn read(path: &Path) -> Result<ShardFile> {
         let id = cell(0).to_string();
         let mut probs = [0f64; 3];
         for (k, p) in probs.iter_mut().enumerate() {
-            let raw = cell(k + 1);
-            *p = raw
-                .parse()
-                .ok()
-                .filter(|v: &f64| v.is_finite() && (0.0..=1.0).contains(v))
-                .ok_or_else(|| {
-                    Error::data(
-                        path,
-                        Some(line),
-                        Some(LABEL_COLUMNS[k]),
-                        format!("id {id}: `{raw}` is not a probability"),
-                    )
-                })?;
+            *p = predictions::probability(path, line, k, &id, cell(k + 1))?;
         }
         let int = |c: usize, name: &str| -> Result<usize> {
             let raw = cell(c);

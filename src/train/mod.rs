@@ -661,15 +661,7 @@ fn load_checkpoint(dir: &Path, t: &mut Trainer) -> Result<CheckpointState> {
     t.opt.import(slots, state.position.step as u64)?;
     t.pos = state.position;
     // The model computes with the restored masters (exact f32, not the adapter's rounding).
-    let dtypes: Vec<DType> = t.model.trainable().iter().map(|(_, p)| p.dtype()).collect();
-    let values = t
-        .opt
-        .params()?
-        .iter()
-        .zip(dtypes)
-        .map(|(p, d)| cast(p, d))
-        .collect::<Result<Vec<_>>>()?;
-    t.model.set_trainable(values)?;
+    t.refresh_model()?;
     Ok(state)
 }
 
