@@ -333,6 +333,14 @@ impl TrainArgs {
                     crate::train::Ranks::Gpus(list.clone())
                 }
             }
+            (None, None, Some(env)) if env.world > 1 => {
+                return Err(Error::Usage(format!(
+                    "this process is rank {} of a {}-rank launch (WORLD_SIZE is set), but data-parallel \
+                     training runs on GPUs over NCCL: add --device cuda (or unset WORLD_SIZE to \
+                     train alone)",
+                    env.rank, env.world
+                )));
+            }
             (None, None, _) => crate::train::Ranks::Single,
         };
         let model_args = ModelArgs {

@@ -208,3 +208,53 @@ fn a_data_parallel_run_resumes_from_rank_0s_checkpoint() {
         "the resumed 2-rank run must end with exactly the uninterrupted 2-rank run's adapter"
     );
 }
+
+#[test]
+fn a_launched_job_without_a_gpu_device_is_refused_before_any_work() {
+    // torchrun sets WORLD_SIZE for every process; training each rank alone on the CPU would
+    // have every process write the same adapter. The launch variables are checked first.
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("adapter");
+    let model = tiny_model();
+    let data = demo_csv();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args([
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+        ])
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "1")
+        .env("LOCAL_RANK", "1")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "29517")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("rank 1 of a 2-rank launch") && e.contains("--device cuda"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    // A malformed launch variable is named.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args([
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+        ])
+        .env("WORLD_SIZE", "two")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("WORLD_SIZE=`two`"), "{}", stderr(&o));
+}
