@@ -175,7 +175,7 @@ pub struct TrainArgs {
     /// Labelled arena CSV (winner columns: one-hot or soft labels).
     #[arg(long)]
     pub data: PathBuf,
-    /// Adapter directory to write (PEFT layout); checkpoints go to <out>.checkpoint.
+    /// Adapter directory to write (PEFT layout); checkpoints go to OUT.checkpoint.
     #[arg(long)]
     pub out: PathBuf,
     /// Start from this recipe's settings.
@@ -267,7 +267,7 @@ pub struct TrainArgs {
     /// Save a resumable checkpoint every N optimiser steps (0: never).
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
-    /// Continue from <out>.checkpoint if it exists.
+    /// Continue from OUT.checkpoint if it exists.
     #[arg(long)]
     pub resume: bool,
     /// Append one JSON line of metrics per step to this file.

@@ -365,24 +365,38 @@ fn nccl_two_ranks_abort_wakes_the_waiting_rank() {
     }
     gpu(0);
     gpu(1);
-    let mut ranks = nccl_group(&[0, 1]).unwrap().into_iter();
-    let (r0, r1) = (ranks.next().unwrap(), ranks.next().unwrap());
-    // Both ranks meet once (NCCL connects the ranks at their first collective); then rank 0
-    // waits in a collective rank 1 never joins, and rank 1 aborts instead. Rank 0 runs on a
-    // detached thread, so a hang fails the test instead of hanging it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        r0.barrier().unwrap();
-        let _ = tx.send(r0.all_reduce_host(&[1.0]).map(|_| ()));
-    });
-    r1.barrier().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    r1.abort();
-    let got = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("rank 0 is still waiting 60s after rank 1 aborted");
-    let e = got.unwrap_err().to_string();
-    assert!(e.contains("aborted") && e.contains("rank 1"), "{e}");
+    // Rank 0 waits in collectives rank 1 never joins, and rank 1 aborts instead: first in
+    // the group's first collective (a rank that failed to load its model never makes one),
+    // then in a large all-reduce after the ranks met once (a rank that failed mid-step). Rank
+    // 0 runs on a detached thread, so a hang fails the test instead of hanging it.
+    for met_before in [false, true] {
+        let mut ranks = nccl_group(&[0, 1]).unwrap().into_iter();
+        let (r0, r1) = (ranks.next().unwrap(), ranks.next().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if met_before {
+                r0.barrier().unwrap();
+                let big = Tensor::zeros(&[1 << 24], DType::F32, gpu(0)).unwrap();
+                let _ = tx.send(r0.all_reduce_sum(&[big]).and_then(|_| r0.check()));
+            } else {
+                let _ = tx.send(r0.all_reduce_host(&[1.0]).map(|_| ()));
+            }
+        });
+        if met_before {
+            r1.barrier().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        r1.abort();
+        let got = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "rank 0 is still waiting 60s after rank 1 aborted (met before: {met_before})"
+                )
+            });
+        let e = got.unwrap_err().to_string();
+        assert!(e.contains("aborted") && e.contains("rank 1"), "{e}");
+    }
 }
 
 #[test]

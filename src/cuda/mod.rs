@@ -201,6 +201,34 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Let `peer` read and write buffers allocated on this device (its memory pool), where
+    /// the hardware allows peer access; returns whether it does. Peer-to-peer NCCL between
+    /// GPUs of one process writes straight into the other GPU's buffers.
+    pub fn share_pool_with(&self, peer: &CudaDevice) -> Result<bool> {
+        use cudarc::driver::sys;
+        // SAFETY: plain driver queries and settings on two valid devices; the descriptor
+        // lives across the call.
+        unsafe {
+            let mut can: std::ffi::c_int = 0;
+            sys::cuDeviceCanAccessPeer(&mut can, peer.ctx.cu_device(), self.ctx.cu_device())
+                .result()?;
+            if can == 0 {
+                return Ok(false);
+            }
+            self.ctx.bind_to_thread()?;
+            let pool = cudarc::driver::result::device::get_default_mem_pool(self.ctx.cu_device())?;
+            let desc = sys::CUmemAccessDesc {
+                location: sys::CUmemLocation {
+                    type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                    id: peer.ordinal as std::ffi::c_int,
+                },
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            };
+            sys::cuMemPoolSetAccess(pool, &desc, 1).result()?;
+        }
+        Ok(true)
+    }
+
     /// A kernel by module and name (`<op>_<dtype>`), loading the module on first use.
     pub fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
         let mut cache = self

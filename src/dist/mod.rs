@@ -73,11 +73,21 @@
 //!
 //! # Failure
 //!
-//! A collective never waits forever on a rank that is gone: when a [`ThreadRank`] is dropped
-//! (its thread returned or panicked) the group is marked broken and every other rank's
-//! pending or later collective returns an error naming it. NCCL cannot detect a vanished
-//! peer process in general; a crashed rank makes the others' next collective hang until the
-//! launcher (torchrun) kills the job, which is what torch users already see.
+//! A collective never waits forever on a rank that is gone in these cases:
+//! - [`ThreadRank`]: when a rank is dropped (its thread returned or panicked) the group is
+//!   marked broken and every other rank's pending or later collective returns an error naming
+//!   it.
+//! - [`NcclRank`] of an in-process group: the failing rank's [`Collective::abort`] aborts the
+//!   other ranks' communicators, which ends the NCCL kernels they wait on; their waits fail,
+//!   and [`Collective::check`] reports a sum the abort cut short. The group runs one warm-up
+//!   all-reduce before any rank starts, so the first collectives do not sit in NCCL's
+//!   connection setup (inside the call, where no abort reaches) waiting for a rank that failed
+//!   to load its model. A rank inside NCCL's own wait (a full work queue behind a stalled
+//!   kernel) is the case left.
+//!
+//! NCCL cannot detect a vanished peer *process* in general: a crashed rank of a multi-process
+//! job makes the others' next collective hang until the launcher (torchrun) ends the job,
+//! which is what torch users already see.
 
 mod env;
 mod nccl;
@@ -110,6 +120,13 @@ pub trait Collective: Send + Sync {
     /// every rank.
     fn all_reduce_host(&self, v: &[f64]) -> Result<Vec<f64>>;
     fn barrier(&self) -> Result<()>;
+    /// Wait for this rank's collectives issued so far and fail if the group was aborted
+    /// meanwhile: a device collective cut short by an abort leaves partial results without an
+    /// error of its own. Not a collective (no other rank takes part). The trainer calls it
+    /// before it uses summed gradients.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
     /// Give up on the group because this rank failed: the other ranks' pending and later
     /// collectives return an error instead of waiting for this rank. Idempotent. In-process
     /// groups ([`ThreadRank`], [`nccl_group`]) wake every rank; a rank of a multi-process

@@ -15,12 +15,29 @@
 //! return host values / promise that every rank got there).
 //!
 //! The communicators are held as raw `ncclComm_t` (not cudarc's `Comm`, whose drop panics on
-//! failure and which cannot be aborted from another thread): [`Collective::abort`] aborts
+//! failure and which cannot be aborted from another thread). [`Collective::abort`] aborts
 //! every communicator of this process's group that is not inside an NCCL call, which makes
-//! their kernels that wait for the failed rank exit, so the ranks blocked on them wake up and
-//! fail; ranks inside an NCCL call abort their own communicator when it returns. After an
-//! abort every collective of the group returns an error (including one whose wait the abort
-//! interrupted), so no rank goes on with a partial result.
+//! their kernels that wait for the failed rank exit, so the ranks blocked on them (in a
+//! download or a synchronisation after the call) wake up and fail; a rank inside an NCCL call
+//! aborts its own communicator when the call returns. Calls only enqueue work, except where
+//! NCCL waits for peers inside the call: connection setup on first use of an algorithm, and
+//! a full work queue behind a stalled kernel. [`nccl_group`] therefore runs a warm-up
+//! all-reduce from one thread before handing out the ranks, so that the first collectives of
+//! a training run (which a rank that failed to load its model never joins) find their
+//! connections made; a rank stuck in NCCL's own wait is the remaining case where an abort
+//! cannot wake it. After an abort every collective of the group returns an error, and
+//! [`Collective::check`] catches one that the abort cut short, so no rank goes on with a
+//! partial result.
+//!
+//! Buffers come from each device's memory pool, which other GPUs may not touch until the
+//! pool grants them access; NCCL's direct peer-to-peer path between GPUs of one process
+//! writes straight into the peer's buffers, so [`nccl_group`] grants every peer that can
+//! reach a device access to its pool.
+//!
+//! A communicator of a multi-process job ([`nccl_from_env`]) is finalised (its last sends
+//! flushed) and destroyed when its rank is dropped after a successful run, and aborted after
+//! a failure; communicators of an in-process group are aborted (NCCL frees their shared
+//! resources with the last of them), so no teardown waits for a rank that failed.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::path::PathBuf;
@@ -117,6 +134,8 @@ pub struct NcclRank {
     device: Arc<CudaDevice>,
     rank: usize,
     world: usize,
+    /// Finalise and destroy on a clean drop (one rank per process) instead of aborting.
+    finalize: bool,
 }
 
 impl std::fmt::Debug for NcclRank {
@@ -268,15 +287,18 @@ fn missing_message() -> String {
 fn describe(e: &NcclError) -> String {
     // SAFETY: both functions return static or library-owned NUL-terminated strings (or
     // null); `ncclGetLastError` ignores its argument.
-    let (name, last) = unsafe {
-        let cstr = |p: *const c_char| {
-            (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
-        };
-        (
-            cstr(sys::ncclGetErrorString(e.0)),
-            cstr(sys::ncclGetLastError(std::ptr::null_mut())),
-        )
+    // `ncclGetLastError` exists from NCCL 2.13 on; cudarc panics on a missing symbol.
+    let cstr = |p: *const c_char| {
+        // SAFETY: NCCL returns null or a NUL-terminated string it owns.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
     };
+    let name = std::panic::catch_unwind(|| cstr(unsafe { sys::ncclGetErrorString(e.0) }))
+        .ok()
+        .flatten();
+    let last =
+        std::panic::catch_unwind(|| cstr(unsafe { sys::ncclGetLastError(std::ptr::null_mut()) }))
+            .ok()
+            .flatten();
     let mut s = format!("{:?}", e.0);
     if let Some(n) = name {
         s.push_str(&format!(" ({n})"));
@@ -316,6 +338,14 @@ pub fn nccl_group(ordinals: &[usize]) -> Result<Vec<NcclRank>> {
         .iter()
         .map(|&o| cuda::device(o))
         .collect::<Result<Vec<_>>>()?;
+    // NCCL's direct P2P path writes into the peer's buffers, which live in memory pools.
+    for (i, di) in devices.iter().enumerate() {
+        for (j, dj) in devices.iter().enumerate() {
+            if i != j {
+                di.share_pool_with(dj)?;
+            }
+        }
+    }
     let devlist: Vec<c_int> = ordinals.iter().map(|&o| o as c_int).collect();
     let mut comms: Vec<sys::ncclComm_t> = vec![std::ptr::null_mut(); ordinals.len()];
     // SAFETY: `comms` has room for one handle per device in `devlist`.
@@ -334,10 +364,15 @@ pub fn nccl_group(ordinals: &[usize]) -> Result<Vec<NcclRank>> {
             )
         })?;
     let cells: Vec<Cell> = comms
-        .into_iter()
-        .map(|c| Arc::new(Mutex::new(Some(RawComm(c)))))
+        .iter()
+        .map(|&c| Arc::new(Mutex::new(Some(RawComm(c)))))
         .collect();
     let shared = Shared::new(cells.clone());
+    // From here on a failure aborts every communicator (dropping `shared` would leak them).
+    if let Err(e) = warm_up(&comms, &devices) {
+        shared.abort("the warm-up all-reduce failed".into());
+        return Err(e);
+    }
     let world = ordinals.len();
     Ok(cells
         .into_iter()
@@ -349,8 +384,46 @@ pub fn nccl_group(ordinals: &[usize]) -> Result<Vec<NcclRank>> {
             device,
             rank,
             world,
+            finalize: false,
         })
         .collect())
+}
+
+/// One small all-reduce over every rank of an in-process group, issued from this thread in
+/// one NCCL group, then waited for: it checks the communicators end to end and makes NCCL set
+/// up its connections (lazily, on first use) while no rank can be missing.
+fn warm_up(comms: &[sys::ncclComm_t], devices: &[Arc<CudaDevice>]) -> Result<()> {
+    let bufs = devices
+        .iter()
+        .map(|d| d.alloc_zeros(4))
+        .collect::<Result<Vec<_>>>()?;
+    let ops: Vec<(sys::ncclComm_t, u64, sys::cudaStream_t)> = comms
+        .iter()
+        .zip(&bufs)
+        .zip(devices)
+        .map(|((&c, b), d)| (c, b.raw_ptr(), d.stream().cu_stream() as sys::cudaStream_t))
+        .collect();
+    grouped(&ops, "ncclAllReduce (warm-up)", |&(comm, ptr, stream)| {
+        // SAFETY: in place on one f32 of this device's buffer, alive until the devices are
+        // synchronised below; one call per communicator inside one group, as NCCL requires
+        // when one thread drives several devices.
+        unsafe {
+            nccl::all_reduce(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                1,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                comm,
+                stream,
+            )
+        }
+        .map(|_| ())
+    })?;
+    for d in devices {
+        d.synchronize()?;
+    }
+    Ok(())
 }
 
 /// This process's rank of a job launched with one process per GPU (see [`LaunchEnv`]): rank
@@ -415,6 +488,7 @@ pub fn nccl_from_env(env: &LaunchEnv, ordinal: usize, fingerprint: u64) -> Resul
         device,
         rank: env.rank,
         world: env.world,
+        finalize: true,
     })
 }
 
@@ -443,15 +517,19 @@ impl NcclRank {
     /// Run `f` with the communicator and this device's context current on the calling
     /// thread; abort the communicator afterwards if the group was aborted meanwhile.
     fn with_comm<R>(&self, f: impl FnOnce(sys::ncclComm_t) -> Result<R>) -> Result<R> {
-        let mut guard = lock(&self.cell);
-        self.check_aborted()?;
-        let Some(comm) = guard.as_ref().map(|c| c.0) else {
-            return Err(self.aborted_error("its communicator is gone"));
+        let r = {
+            let guard = lock(&self.cell);
+            self.check_aborted()?;
+            let Some(comm) = guard.as_ref().map(|c| c.0) else {
+                return Err(self.aborted_error("its communicator is gone"));
+            };
+            self.device.stream().context().bind_to_thread()?;
+            f(comm)
         };
-        self.device.stream().context().bind_to_thread()?;
-        let r = f(comm);
+        // Checked after the lock is released: an abort that found the cell locked had
+        // recorded its reason before trying the lock, so it is seen here.
         if let Some(why) = self.shared.aborted() {
-            if let Some(c) = guard.take() {
+            if let Some(c) = lock(&self.cell).take() {
                 c.abort();
             }
             return Err(self.aborted_error(&why));
@@ -486,10 +564,18 @@ impl Drop for NcclRank {
         }
         // Let this rank's last collectives finish (their results may still be read), then
         // free the communicator. A failure here leaves nothing to report to.
-        if self.shared.aborted().is_none() {
-            let _ = self.device.synchronize();
-        }
+        let clean = self.shared.aborted().is_none() && self.device.synchronize().is_ok();
         if let Some(c) = lock(&self.cell).take() {
+            if clean && self.finalize {
+                // One rank per process: flush the last sends (a peer may still be receiving
+                // them), then free. Every rank of a successful run gets here.
+                // SAFETY: a live handle, finalised and destroyed once (taken from its cell).
+                if unsafe { nccl::comm_finalize(c.0) }.is_ok() {
+                    // After a failed destroy the handle's state is unknown: leave it.
+                    let _ = unsafe { nccl::comm_destroy(c.0) };
+                    return;
+                }
+            }
             c.abort();
         }
     }
@@ -663,6 +749,11 @@ impl Collective for NcclRank {
         })?;
         self.device.synchronize()?;
         drop(buf);
+        self.check_aborted()
+    }
+
+    fn check(&self) -> Result<()> {
+        self.device.synchronize()?;
         self.check_aborted()
     }
 

@@ -1,5 +1,5 @@
 //! Vectorisable f32 math for the CPU twins: `exp`, `tanh`, and the activations built on them,
-//! plus [`multiversion!`], which compiles a function for the widest vector ISA the CPU has.
+//! plus `multiversion!`, which compiles a function for the widest vector ISA the CPU has.
 //!
 //! libm's `expf`/`tanhf` are scalar calls that stop the compiler from vectorising a loop;
 //! these are branch-free polynomial versions (within 2 ulp over the range the models use), so

@@ -2,7 +2,7 @@
 //!
 //! Each folder has `mod.rs` (the public op: argument checks, then a `match` on the device that
 //! forwards to a backend) and `cpu.rs` (the readable f32 reference, which is also the oracle
-//! the CUDA kernels of `kernels/<op>.cu` are tested against). Ops take and return [`Tensor`]s
+//! the CUDA kernels of `kernels/<op>.cu` are tested against). Ops take and return [`Tensor`](crate::tensor::Tensor)s
 //! and never mutate their inputs.
 //!
 //! Activations are packed "varlen" batches: the tokens of all rows of a batch are

@@ -380,6 +380,8 @@ impl Trainer {
             grads
         };
         let grad_norm = self.opt.grad_norm(&grads)?;
+        // Never step (or checkpoint) on gradients whose sum an abort cut short.
+        self.comm.check()?;
         self.opt.update(
             &grads,
             lr,
