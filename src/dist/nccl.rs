@@ -389,39 +389,43 @@ pub fn nccl_group(ordinals: &[usize]) -> Result<Vec<NcclRank>> {
         .collect())
 }
 
-/// One small all-reduce over every rank of an in-process group, issued from this thread in
-/// one NCCL group, then waited for: it checks the communicators end to end and makes NCCL set
-/// up its connections (lazily, on first use) while no rank can be missing.
+/// All-reduces over every rank of an in-process group, issued from this thread in one NCCL
+/// group per size and waited for: they check the communicators end to end and make NCCL set
+/// up its connections (lazily, on first use of an algorithm and protocol, which depend on the
+/// message size) while no rank can be missing. The sizes span a host scalar and a LoRA
+/// gradient tensor of a full-size model (a few MiB).
 fn warm_up(comms: &[sys::ncclComm_t], devices: &[Arc<CudaDevice>]) -> Result<()> {
-    let bufs = devices
-        .iter()
-        .map(|d| d.alloc_zeros(4))
-        .collect::<Result<Vec<_>>>()?;
-    let ops: Vec<(sys::ncclComm_t, u64, sys::cudaStream_t)> = comms
-        .iter()
-        .zip(&bufs)
-        .zip(devices)
-        .map(|((&c, b), d)| (c, b.raw_ptr(), d.stream().cu_stream() as sys::cudaStream_t))
-        .collect();
-    grouped(&ops, "ncclAllReduce (warm-up)", |&(comm, ptr, stream)| {
-        // SAFETY: in place on one f32 of this device's buffer, alive until the devices are
-        // synchronised below; one call per communicator inside one group, as NCCL requires
-        // when one thread drives several devices.
-        unsafe {
-            nccl::all_reduce(
-                ptr as *const c_void,
-                ptr as *mut c_void,
-                1,
-                sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
-                comm,
-                stream,
-            )
+    for elems in [1usize, 1 << 20] {
+        let bufs = devices
+            .iter()
+            .map(|d| d.alloc_zeros(elems * 4))
+            .collect::<Result<Vec<_>>>()?;
+        let ops: Vec<(sys::ncclComm_t, u64, sys::cudaStream_t)> = comms
+            .iter()
+            .zip(&bufs)
+            .zip(devices)
+            .map(|((&c, b), d)| (c, b.raw_ptr(), d.stream().cu_stream() as sys::cudaStream_t))
+            .collect();
+        grouped(&ops, "ncclAllReduce (warm-up)", |&(comm, ptr, stream)| {
+            // SAFETY: in place on `elems` f32 of this device's buffer, alive until the
+            // devices are synchronised below; one call per communicator inside one group, as
+            // NCCL requires when one thread drives several devices.
+            unsafe {
+                nccl::all_reduce(
+                    ptr as *const c_void,
+                    ptr as *mut c_void,
+                    elems,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            }
+            .map(|_| ())
+        })?;
+        for d in devices {
+            d.synchronize()?;
         }
-        .map(|_| ())
-    })?;
-    for d in devices {
-        d.synchronize()?;
     }
     Ok(())
 }
