@@ -117,6 +117,14 @@ def main():
             p = params.get(r["model"]) or r.get("params")
             mfu = f"{4 * p * r['tokens_per_step'] / (r['ms_per_step'] / 1e3) / tf_peak:.0%}" if p and tf_peak else "-"
             lines.append(f"| {r['model']} | {r['impl']} | {r['ms_per_step']:.0f} | {r['tokens_per_s']:.0f} | {mfu} | {r['peak_gib']:.1f} |")
+        # A T4 shows 15,360 MiB to CUDA; the context and cuBLAS-free engine runtime take about
+        # 0.5 GiB beside the allocations counted in the peak. f16 on a T4 has bf16's sizes.
+        for line in open(full_train):
+            r = json.loads(line)
+            if r["impl"].startswith("engine") and r.get("peak_gib"):
+                need = r["peak_gib"] + 0.5
+                lines.append(f"T4 fit ESTIMATE ({r['model']}, {r['impl']}): peak {r['peak_gib']:.1f} GiB + ~0.5 GiB context = "
+                             f"{need:.1f} of 15.0 GiB: {'fits' if need <= 15.0 else 'does NOT fit'}")
     multi = os.path.join(out, "multi.jsonl")
     if os.path.exists(multi):
         runs = [json.loads(l) for l in open(multi) if l.strip()]
