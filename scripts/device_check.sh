@@ -58,8 +58,10 @@ for l in sys.stdin:
   strip "$dev_dir"/*
   cp target/release/build/engine-*/out/*.ptxas.log "$dev_dir/" 2>/dev/null || true
   ls -la "$dev_dir"
-  # Compressed for the trip (the device tool carries at most 64 MiB with the working tree).
-  tar -C target -cJf target/device.tar.xz device
+  # Compressed for the trip (the device tool carries at most 64 MiB with the working tree and
+  # target/fixture-carry). The binaries share most of their bytes (the same fatbins and
+  # library code), so a dictionary that spans them all shrinks 34 MB to about 7 MB.
+  tar -C target -cf - device | xz -T2 --lzma2=preset=6,dict=256MiB > target/device.tar.xz
   du -sh "$dev_dir" target/device.tar.xz
 }
 
