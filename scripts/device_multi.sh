@@ -2,11 +2,11 @@
 # Issue 6's GPU measurements on the GPU machine (the `multi` stage of scripts/device_check.sh):
 #   scripts/device_multi.sh OUT [ROWS]
 #
-# 1. Sorting: ROWS rows (default 512) whose token lengths follow the assumed arena distribution
-#    of scripts/project_t4.py (lognormal, median 600 tokens, σ 0.9, cut at 1536 — an
-#    assumption, not the real data, which cannot be brought to that machine) are scored by a
-#    random full-size Gemma-2-9B with NF4 weights three times: longest first (the default), in
-#    file order (--no-sort), and with --tta. Each run appends a JSON line with per-batch
+# 1. Sorting: ROWS rows (default 512) whose token lengths follow the estimated arena
+#    distribution of scripts/project_t4.py (lognormal, median 460 tokens, σ 0.83, cut at 1536:
+#    an estimate from published word counts, not the real data, which that machine does not
+#    have) are scored by a random full-size Gemma-2-9B with NF4 weights three times: longest
+#    first (the default), in file order (--no-sort), and with --tta. Each run appends a JSON line with per-batch
 #    timings to OUT/multi.jsonl (`engine infer --log-file`).
 # 2. The projection: scripts/project_t4.py turns the sorted run's per-batch timings into
 #    per-token costs by length bucket and projects 25,000 rows on 2×T4 (OUT/projection.json).
