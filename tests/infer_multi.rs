@@ -231,3 +231,90 @@ fn bad_multi_device_arguments_are_usage_errors() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--gpus"), "{}", stderr(&o));
 }
+
+/// `infer` with a worker fault injected (`engine::infer::FAULT_VAR`: worker W fails on its
+/// batch N+1).
+fn infer_failing(data: &Path, out: &Path, fault: &str, extra: &[&str]) -> std::process::Output {
+    let model = tiny_model();
+    let mut args = vec![
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-length",
+        "160",
+        "--batch-tokens",
+        "600",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(&args)
+        .env("RAYON_NUM_THREADS", "2")
+        .env(engine::infer::FAULT_VAR, fault)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_failing_worker_hands_its_rows_to_the_others_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = infer_ok(&demo_csv(), &dir.path().join("one.csv"), &[]);
+    let out = dir.path().join("two.csv");
+    let o = infer_failing(&demo_csv(), &out, "1:1", &["--cpu-workers", "2"]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("cpu#1 failed holding") && e.contains("injected failure"),
+        "the failed worker and the rows it held are reported: {e}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), one);
+}
+
+#[test]
+fn when_every_worker_fails_the_finished_rows_go_to_a_partial_file_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = rows(&infer_ok(&demo_csv(), &dir.path().join("plain.csv"), &[]));
+    let out = dir.path().join("sub.csv");
+    let o = infer_failing(&demo_csv(), &out, "0:2", &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(!out.exists(), "no submission may be written: {e}");
+    let partial = dir.path().join("sub.csv.partial.csv");
+    assert!(
+        e.contains("were not scored") && e.contains(partial.to_str().unwrap()),
+        "{e}"
+    );
+    // The two finished batches are kept, with the values the full run gives.
+    let kept = engine::shard::read(&partial).unwrap();
+    assert!(
+        !kept.rows.is_empty() && kept.rows.len() < plain.len(),
+        "{e}"
+    );
+    assert_eq!(kept.total_rows, plain.len());
+    for r in &kept.rows {
+        let (id, p) = &plain[r.row];
+        assert_eq!(&r.id, id);
+        for k in 0..3 {
+            assert!(
+                (r.probs[k] - p[k]).abs() < 2e-9,
+                "{} {:?} {:?}",
+                id,
+                r.probs,
+                p
+            );
+        }
+    }
+    // And the partial file is not mistaken for a complete one.
+    let merged = dir.path().join("merged.csv");
+    let m = engine(&[
+        "merge",
+        partial.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(!m.status.success() && !merged.exists(), "{}", stderr(&m));
+}

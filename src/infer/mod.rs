@@ -165,12 +165,42 @@ pub fn predict(
 }
 
 /// A model on one device, scoring packed batches.
-struct ModelScorer(Model);
+struct ModelScorer {
+    model: Model,
+    /// Batches left before an injected failure ([`FAULT_VAR`]).
+    fail_in: Option<usize>,
+}
 
 impl pool::Scorer for ModelScorer {
     fn score(&mut self, rows: &[&[u32]]) -> Result<Vec<[f64; 3]>> {
+        if let Some(n) = self.fail_in.as_mut() {
+            if *n == 0 {
+                return Err(Error::Msg(format!("injected failure ({FAULT_VAR})")));
+            }
+            *n -= 1;
+        }
         let batch = TokenBatch::from_rows(rows);
-        models::probabilities(&self.0.forward(&batch)?)
+        models::probabilities(&self.model.forward(&batch)?)
+    }
+}
+
+/// Fault injection for tests of worker failure (a GPU cannot be made to fail on demand):
+/// `W:N` makes worker W fail on its batch N+1 (after N good ones). Not for users.
+pub const FAULT_VAR: &str = "ENGINE_INJECT_WORKER_FAULT";
+
+/// The batches worker `w` scores before its injected failure, if [`FAULT_VAR`] names it.
+fn injected_fault(w: usize) -> Result<Option<usize>> {
+    let Ok(spec) = std::env::var(FAULT_VAR) else {
+        return Ok(None);
+    };
+    let parsed = spec
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse().ok()?)));
+    match parsed {
+        Some((worker, after)) => Ok((worker == w).then_some(after)),
+        None => Err(Error::Usage(format!(
+            "{FAULT_VAR}=`{spec}`: expected WORKER:BATCHES (e.g. 1:2)"
+        ))),
     }
 }
 
@@ -300,7 +330,10 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
                 info.score_source
             );
         }
-        Ok(ModelScorer(model))
+        Ok(ModelScorer {
+            model,
+            fail_in: injected_fault(w)?,
+        })
     };
     let n_rows = rows.len();
     let validate = |idx: &[usize], probs: &[[f64; 3]]| -> Result<()> {
