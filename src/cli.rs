@@ -135,6 +135,10 @@ pub struct InferArgs {
     /// Pack rows in file order instead of longest first (to measure what sorting is worth).
     #[arg(long)]
     pub no_sort: bool,
+    /// After a failed run: take the rows it finished from OUT.partial.csv and score only the
+    /// rest (the partial file is removed once OUT is written).
+    #[arg(long)]
+    pub resume: bool,
     /// Several CPU workers, each with its own model copy (stands in for GPUs in tests).
     #[arg(long, hide = true)]
     pub cpu_workers: Option<usize>,
@@ -545,6 +549,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 tta: a.tta,
                 shard: a.shard,
                 sort: !a.no_sort,
+                resume: a.resume,
                 model: a.model.model.clone(),
                 tokenizer: a.model.tokenizer.clone(),
                 format: a.model.format,

@@ -37,6 +37,7 @@ pub fn run(out_dir: &Path) -> Result<()> {
         tta: false,
         shard: None,
         sort: true,
+        resume: false,
         progress: true,
     };
     let r = infer::run(&opts)?;

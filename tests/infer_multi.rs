@@ -317,4 +317,32 @@ fn when_every_worker_fails_the_finished_rows_go_to_a_partial_file_only() {
         merged.to_str().unwrap(),
     ]);
     assert!(!m.status.success() && !merged.exists(), "{}", stderr(&m));
+
+    // A run for another shard split cannot use it.
+    let o = infer(&demo_csv(), &out, &["--resume", "--shard", "0/2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    assert!(partial.exists() && !out.exists());
+
+    // The same command with --resume scores only the rest and ends with the full run's file.
+    let o = infer(&demo_csv(), &out, &["--resume"]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains(&format!(
+            "resuming: {} of {} rows",
+            kept.rows.len(),
+            plain.len()
+        )),
+        "{e}"
+    );
+    let resumed = rows(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(resumed.len(), plain.len());
+    for ((a, p), (b, q)) in plain.iter().zip(&resumed) {
+        assert_eq!(a, b);
+        for k in 0..3 {
+            assert!((p[k] - q[k]).abs() < 2e-9, "{a}: {p:?} vs {q:?}");
+        }
+    }
+    assert!(!partial.exists(), "the partial file is consumed");
 }

@@ -55,6 +55,8 @@ pub struct InferOptions {
     pub shard: Option<Shard>,
     /// Sort rows by length before packing (off only to measure what sorting is worth).
     pub sort: bool,
+    /// Take the rows a failed run finished from its `<out>.partial.csv` and score only the rest.
+    pub resume: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -244,6 +246,16 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         )));
     }
     let rows: Vec<&ArenaRow> = picked.iter().map(|&i| &data.rows[i]).collect();
+    let n_rows = rows.len();
+    let partial = partial_path(&opts.out);
+    // Rows a failed run already scored (--resume), and the rows left to score.
+    let known = if opts.resume {
+        resume_from(&partial, opts.shard, total_rows, &picked, &rows)?
+    } else {
+        vec![None; n_rows]
+    };
+    let todo: Vec<usize> = (0..n_rows).filter(|&r| known[r].is_none()).collect();
+    let n_todo = todo.len();
     // Everything that can fail fast does so before the weights are read.
     let mut out_file = AtomicFile::create(&opts.out)?;
     let header = models::read_header(&opts.model)?;
@@ -256,7 +268,7 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
     )?;
     let t0 = Instant::now();
     // Sequences: the rows, then (with TTA) the same rows with A and B swapped.
-    let owned: Vec<ArenaRow> = rows.iter().map(|r| (*r).clone()).collect();
+    let owned: Vec<ArenaRow> = todo.iter().map(|&r| rows[r].clone()).collect();
     let mut seqs = tokenize(&encoder, &owned)?;
     if opts.tta {
         let swapped: Vec<ArenaRow> = owned.iter().map(ArenaRow::swapped).collect();
@@ -285,7 +297,7 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         .collect();
     eprintln!(
         "{} rows{}{} → {} sequences, {} tokens, {} batches (≤ {} tokens) on {}",
-        rows.len(),
+        n_todo,
         opts.shard
             .map(|s| format!(" (shard {s} of {total_rows})"))
             .unwrap_or_default(),
@@ -335,7 +347,6 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
             fail_in: injected_fault(w)?,
         })
     };
-    let n_rows = rows.len();
     let validate = |idx: &[usize], probs: &[[f64; 3]]| -> Result<()> {
         match idx
             .iter()
@@ -343,13 +354,13 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
             .find(|(_, p)| p.iter().any(|v| !v.is_finite()))
         {
             Some((&i, _)) => {
-                let r = i % n_rows;
+                let r = todo[i % n_todo];
                 Err(Error::Msg(format!(
                     "row {} (id {}{}): the model produced non-finite probabilities; check the \
                      checkpoint for inf/NaN weights and config.json for invalid values (rms_norm_eps, rope_theta)",
                     picked[r] + 1,
                     rows[r].id,
-                    if i >= n_rows { ", A and B swapped" } else { "" }
+                    if i >= n_todo { ", A and B swapped" } else { "" }
                 )))
             }
             None => Ok(()),
@@ -357,16 +368,26 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
     };
     let start = Instant::now();
     let mut done_tokens = 0usize;
-    let result = pool::run(&names, make, &seqs, &batches, &validate, |n, t| {
-        done_tokens += t;
-        if let Some(b) = &bar {
-            b.inc(n as u64);
-            b.set_message(format!(
-                "{:.0} tokens/s",
-                done_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
-            ));
-        }
-    });
+    let result = if seqs.is_empty() {
+        // Everything came from the partial file: no model to load.
+        Ok(pool::PoolResult {
+            probs: Vec::new(),
+            workers: Vec::new(),
+            failures: Vec::new(),
+            timings: Vec::new(),
+        })
+    } else {
+        pool::run(&names, make, &seqs, &batches, &validate, |n, t| {
+            done_tokens += t;
+            if let Some(b) = &bar {
+                b.inc(n as u64);
+                b.set_message(format!(
+                    "{:.0} tokens/s",
+                    done_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
+                ));
+            }
+        })
+    };
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -382,7 +403,7 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         let ids: Vec<&str> = f
             .held
             .iter()
-            .map(|&i| rows[i % n_rows].id.as_str())
+            .map(|&i| rows[todo[i % n_todo]].id.as_str())
             .collect();
         eprintln!(
             "error: {} failed{}: {}",
@@ -402,17 +423,17 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
     }
 
     // A row is done when its sequence (and, with TTA, its swapped twin) is.
-    let combined: Vec<Option<[f64; 3]>> = (0..n_rows)
-        .map(|r| match (result.probs[r], opts.tta) {
+    let mut combined = known;
+    for (k, &r) in todo.iter().enumerate() {
+        combined[r] = match (result.probs[k], opts.tta) {
             (Some(p), false) => Some(p),
-            (Some(p), true) => result.probs[n_rows + r].map(|s| tta_average(p, s)),
+            (Some(p), true) => result.probs[n_todo + k].map(|s| tta_average(p, s)),
             (None, _) => None,
-        })
-        .collect();
+        };
+    }
     let missing: Vec<usize> = (0..n_rows).filter(|&r| combined[r].is_none()).collect();
     if !missing.is_empty() {
         drop(out_file);
-        let partial = partial_path(&opts.out);
         let done: Vec<usize> = (0..n_rows).filter(|&r| combined[r].is_some()).collect();
         let mut f = AtomicFile::create(&partial)?;
         shard::write_to(
@@ -427,7 +448,8 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         f.commit()?;
         return Err(Error::Msg(format!(
             "{} of {} rows were not scored because {} worker(s) failed (see above); the {} finished \
-             rows are in {} (not a submission); {} was not written",
+             rows are in {} (not a submission; the same command with --resume scores only the \
+             rest); {} was not written",
             missing.len(),
             n_rows,
             result.failures.len(),
@@ -451,6 +473,10 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         None => predictions::write_to(&mut out_file, &opts.out, &row_ids, &probs)?,
     }
     out_file.commit()?;
+    if opts.resume && partial.exists() {
+        // Its rows are in the output now.
+        std::fs::remove_file(&partial).map_err(|e| Error::io(&partial, e))?;
+    }
 
     let (log_loss, accuracy) = if data.has_labels && n_rows > 0 {
         let labels: Vec<[f64; 3]> = rows.iter().filter_map(|r| r.label).collect();
@@ -480,6 +506,72 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         workers: result.workers,
         timings: result.timings,
     })
+}
+
+/// The probabilities of the rows in `partial` (a failed run's finished rows), by position in
+/// `rows`; `None` for the rest. The file must come from a run over the same input and shard:
+/// every row's id must be the input's id at that row.
+fn resume_from(
+    partial: &std::path::Path,
+    shard: Option<Shard>,
+    total_rows: usize,
+    picked: &[usize],
+    rows: &[&ArenaRow],
+) -> Result<Vec<Option<[f64; 3]>>> {
+    let mut known = vec![None; rows.len()];
+    let header_only = match std::fs::read_to_string(partial) {
+        Ok(text) => text.lines().filter(|l| !l.trim().is_empty()).count() <= 1,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "note: --resume: no {}, scoring every row",
+                partial.display()
+            );
+            return Ok(known);
+        }
+        Err(e) => return Err(Error::io(partial, e)),
+    };
+    if header_only {
+        return Ok(known);
+    }
+    let file = shard::read(partial)?;
+    let want = shard.unwrap_or(Shard { index: 0, count: 1 });
+    if file.shard != want || file.total_rows != total_rows {
+        return Err(Error::Usage(format!(
+            "--resume: {} holds shard {} of an input of {} rows, but this run is shard {want} of \
+             {total_rows} rows; rerun with the --data and --shard that wrote it, or delete it",
+            partial.display(),
+            file.shard,
+            file.total_rows
+        )));
+    }
+    let position: std::collections::HashMap<usize, usize> =
+        picked.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+    for r in &file.rows {
+        // shard::read has checked that every row belongs to the shard.
+        let Some(&k) = position.get(&r.row) else {
+            continue;
+        };
+        if rows[k].id != r.id {
+            return Err(Error::data(
+                partial,
+                None,
+                Some("id"),
+                format!(
+                    "input row {} has id `{}` here but `{}` in the input: the file comes from \
+                     another input; delete it to start over",
+                    r.row, r.id, rows[k].id
+                ),
+            ));
+        }
+        known[k] = Some(r.probs);
+    }
+    eprintln!(
+        "resuming: {} of {} rows from {}",
+        known.iter().filter(|p| p.is_some()).count(),
+        rows.len(),
+        partial.display()
+    );
+    Ok(known)
 }
 
 /// Where the finished rows of a failed run go: `<out>.partial.csv`.
