@@ -73,31 +73,18 @@ pub(crate) fn open_with_columns(
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(true)
         .from_reader(file);
-    let headers = rdr
-        .headers()
-        .map_err(|e| {
-            Error::data(
-                path,
-                None,
-                None,
-                format!("cannot read the header line: {e}"),
-            )
-        })?
-        .clone();
+    let headers = crate::data::csv::header_names(&mut rdr, path)?;
     let cols = names
         .iter()
         .map(|&name| {
-            headers
-                .iter()
-                .position(|h| h.trim() == name)
-                .ok_or_else(|| {
-                    Error::data(
-                        path,
-                        None,
-                        None,
-                        format!("missing column `{name}`{}", hint(name)),
-                    )
-                })
+            headers.iter().position(|h| h == name).ok_or_else(|| {
+                Error::data(
+                    path,
+                    None,
+                    None,
+                    format!("missing column `{name}`{}", hint(name)),
+                )
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((rdr, cols))

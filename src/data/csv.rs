@@ -93,6 +93,25 @@ impl Dataset {
     }
 }
 
+/// The column names of a CSV file's header line, trimmed (and without a UTF-8 byte-order mark).
+pub(crate) fn header_names<R: std::io::Read>(
+    rdr: &mut csv::Reader<R>,
+    path: &Path,
+) -> Result<Vec<String>> {
+    let headers = rdr.headers().map_err(|e| {
+        Error::data(
+            path,
+            None,
+            None,
+            format!("cannot read the header line: {e}"),
+        )
+    })?;
+    Ok(headers
+        .iter()
+        .map(|h| h.trim().trim_start_matches('\u{feff}').to_string())
+        .collect())
+}
+
 /// Read an arena CSV file.
 pub fn read_arena_csv(path: &Path, labels: Labels) -> Result<Dataset> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -105,22 +124,8 @@ pub fn read_arena<R: std::io::Read>(reader: R, path: &Path, labels: Labels) -> R
         .has_headers(true)
         .flexible(false)
         .from_reader(reader);
-    let headers = rdr
-        .headers()
-        .map_err(|e| {
-            Error::data(
-                path,
-                None,
-                None,
-                format!("cannot read the header line: {e}"),
-            )
-        })?
-        .clone();
-    let col = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h.trim().trim_start_matches('\u{feff}') == name)
-    };
+    let headers = header_names(&mut rdr, path)?;
+    let col = |name: &str| headers.iter().position(|h| h == name);
     let mut required = vec!["id", "prompt", "response_a", "response_b"];
     let label_cols: Vec<Option<usize>> = LABEL_COLUMNS.iter().map(|c| col(c)).collect();
     let has_labels = label_cols.iter().all(Option::is_some);
@@ -140,7 +145,7 @@ pub fn read_arena<R: std::io::Read>(reader: R, path: &Path, labels: Labels) -> R
             format!(
                 "missing column(s) {}; the header has: {}",
                 missing.join(", "),
-                headers.iter().collect::<Vec<_>>().join(", ")
+                headers.join(", ")
             ),
         ));
     }

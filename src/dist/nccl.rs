@@ -545,6 +545,52 @@ impl NcclRank {
         self.device.stream().cu_stream() as sys::cudaStream_t
     }
 
+    /// One NCCL call per tensor of `ts` (in one group) from the tensor into a fresh buffer of
+    /// the same size on this device; `op(src, dst, bytes, comm, stream)` issues it. The inputs
+    /// and the new buffers stay alive until this returns, and every later use of them is
+    /// ordered after the call on the device's stream. Empty tensors issue nothing.
+    fn out_of_place(
+        &self,
+        ts: &[Tensor],
+        what: &str,
+        mut op: impl FnMut(
+            *const c_void,
+            *mut c_void,
+            usize,
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> std::result::Result<nccl::NcclStatus, NcclError>,
+    ) -> Result<Vec<Tensor>> {
+        let mut outs = Vec::with_capacity(ts.len());
+        let mut ops = Vec::with_capacity(ts.len());
+        for (i, t) in ts.iter().enumerate() {
+            self.check_device(t, what, i)?;
+            let bytes = t.elem_count() * t.dtype().size_in_bytes();
+            let out = self.device.alloc(bytes)?;
+            if bytes > 0 {
+                ops.push((t.cuda_storage()?.buf.raw_ptr(), out.raw_ptr(), bytes));
+            }
+            outs.push(out);
+        }
+        let stream = self.stream();
+        self.with_comm(|comm| {
+            grouped(&ops, what, |&(src, dst, bytes)| {
+                op(
+                    src as *const c_void,
+                    dst as *mut c_void,
+                    bytes,
+                    comm,
+                    stream,
+                )
+                .map(|_| ())
+            })
+        })?;
+        ts.iter()
+            .zip(outs)
+            .map(|(t, buf)| Tensor::from_cuda(buf, t.dtype(), t.shape()))
+            .collect()
+    }
+
     fn check_device(&self, t: &Tensor, what: &str, i: usize) -> Result<()> {
         let here = Device::Cuda(self.device.ordinal());
         if t.device() != here {
@@ -620,83 +666,43 @@ impl Collective for NcclRank {
     }
 
     fn all_reduce_sum(&self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
-        let mut outs = Vec::with_capacity(ts.len());
-        let mut ops = Vec::with_capacity(ts.len());
         for (i, t) in ts.iter().enumerate() {
             check_f32(t, i)?;
-            self.check_device(t, "all_reduce_sum", i)?;
-            let out = self.device.alloc(t.elem_count() * 4)?;
-            if t.elem_count() > 0 {
-                ops.push((
-                    t.cuda_storage()?.buf.raw_ptr(),
-                    out.raw_ptr(),
-                    t.elem_count(),
-                ));
-            }
-            outs.push(out);
         }
-        let stream = self.stream();
-        self.with_comm(|comm| {
-            grouped(&ops, "ncclAllReduce", |&(src, dst, n)| {
-                // SAFETY: `src` and `dst` address `n` f32 each on this rank's device (the
-                // input tensor and a fresh buffer, both alive until this returns and ordered
-                // on `stream`, which the launch uses).
-                unsafe {
-                    nccl::all_reduce(
-                        src as *const c_void,
-                        dst as *mut c_void,
-                        n,
-                        sys::ncclDataType_t::ncclFloat32,
-                        sys::ncclRedOp_t::ncclSum,
-                        comm,
-                        stream,
-                    )
-                }
-                .map(|_| ())
-            })
-        })?;
-        ts.iter()
-            .zip(outs)
-            .map(|(t, buf)| Tensor::from_cuda(buf, t.dtype(), t.shape()))
-            .collect()
+        self.out_of_place(ts, "ncclAllReduce", |src, dst, bytes, comm, stream| {
+            // SAFETY: `src` and `dst` address `bytes` (f32 values) on this rank's device;
+            // see `out_of_place`.
+            unsafe {
+                nccl::all_reduce(
+                    src,
+                    dst,
+                    bytes / 4,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            }
+        })
     }
 
     fn broadcast(&self, ts: &[Tensor], root: usize) -> Result<Vec<Tensor>> {
         check_root(root, self.world)?;
-        let mut outs = Vec::with_capacity(ts.len());
-        let mut ops = Vec::with_capacity(ts.len());
-        for (i, t) in ts.iter().enumerate() {
-            self.check_device(t, "broadcast", i)?;
-            // A broadcast copies bytes, so every dtype goes as bytes.
-            let bytes = t.elem_count() * t.dtype().size_in_bytes();
-            let out = self.device.alloc(bytes)?;
-            if bytes > 0 {
-                ops.push((t.cuda_storage()?.buf.raw_ptr(), out.raw_ptr(), bytes));
+        // A broadcast copies bytes, so every dtype goes as bytes.
+        self.out_of_place(ts, "ncclBroadcast", |src, dst, bytes, comm, stream| {
+            // SAFETY: as in `all_reduce_sum`.
+            unsafe {
+                nccl::broadcast(
+                    src,
+                    dst,
+                    bytes,
+                    sys::ncclDataType_t::ncclUint8,
+                    root as c_int,
+                    comm,
+                    stream,
+                )
             }
-            outs.push(out);
-        }
-        let stream = self.stream();
-        self.with_comm(|comm| {
-            grouped(&ops, "ncclBroadcast", |&(src, dst, n)| {
-                // SAFETY: as in `all_reduce_sum`, with `n` bytes.
-                unsafe {
-                    nccl::broadcast(
-                        src as *const c_void,
-                        dst as *mut c_void,
-                        n,
-                        sys::ncclDataType_t::ncclUint8,
-                        root as c_int,
-                        comm,
-                        stream,
-                    )
-                }
-                .map(|_| ())
-            })
-        })?;
-        ts.iter()
-            .zip(outs)
-            .map(|(t, buf)| Tensor::from_cuda(buf, t.dtype(), t.shape()))
-            .collect()
+        })
     }
 
     fn all_reduce_host(&self, v: &[f64]) -> Result<Vec<f64>> {

@@ -84,6 +84,28 @@ impl AttentionBlock {
     }
 }
 
+/// Append the seven projections of layer `i` with their Hugging Face module paths.
+pub(crate) fn layer_linears<'a>(
+    i: usize,
+    attn: &'a AttentionBlock,
+    mlp: &'a MlpBlock,
+    out: &mut Vec<(String, &'a Linear)>,
+) {
+    let named = attn.linears().into_iter().chain(mlp.linears());
+    out.extend(named.map(|(name, lin)| (format!("model.layers.{i}.{name}"), lin)));
+}
+
+/// [`layer_linears`], mutably.
+pub(crate) fn layer_linears_mut<'a>(
+    i: usize,
+    attn: &'a mut AttentionBlock,
+    mlp: &'a mut MlpBlock,
+    out: &mut Vec<(String, &'a mut Linear)>,
+) {
+    let named = attn.linears_mut().into_iter().chain(mlp.linears_mut());
+    out.extend(named.map(|(name, lin)| (format!("model.layers.{i}.{name}"), lin)));
+}
+
 /// The gated MLP: `down(act(gate(h)) · up(h))`.
 pub(crate) struct MlpBlock {
     pub gate: Linear,

@@ -18,7 +18,7 @@ use crate::bail;
 use crate::data::batch::TokenBatch;
 use crate::error::Result;
 use crate::lora::Adapter;
-use crate::models::blocks::{AttentionBlock, LayerCtx, MlpBlock, layer_ctx};
+use crate::models::blocks::{self, AttentionBlock, LayerCtx, MlpBlock, layer_ctx};
 use crate::models::{
     LoadOptions, ModelInfo, RopeSpec, TokenIds, WeightLoader, parse_config, round_to,
 };
@@ -273,12 +273,7 @@ impl Gemma2 {
     pub(crate) fn linears_mut(&mut self) -> (Vec<(String, &mut Linear)>, &mut Linear) {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            for (name, lin) in l.attn.linears_mut() {
-                v.push((format!("model.layers.{i}.{name}"), lin));
-            }
-            for (name, lin) in l.mlp.linears_mut() {
-                v.push((format!("model.layers.{i}.{name}"), lin));
-            }
+            blocks::layer_linears_mut(i, &mut l.attn, &mut l.mlp, &mut v);
         }
         (v, &mut self.score)
     }
@@ -286,12 +281,7 @@ impl Gemma2 {
     pub(crate) fn linears(&self) -> (Vec<(String, &Linear)>, &Linear) {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            for (name, lin) in l.attn.linears() {
-                v.push((format!("model.layers.{i}.{name}"), lin));
-            }
-            for (name, lin) in l.mlp.linears() {
-                v.push((format!("model.layers.{i}.{name}"), lin));
-            }
+            blocks::layer_linears(i, &l.attn, &l.mlp, &mut v);
         }
         (v, &self.score)
     }

@@ -36,7 +36,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use crate::bail;
 use crate::cuda::abi::engine_attention_params;
@@ -377,7 +377,7 @@ fn launch_forward(
 }
 
 /// Opt `f` in to `smem` bytes of dynamic shared memory when that is above the default.
-fn set_smem(f: &cudarc::driver::CudaFunction, smem: usize) -> Result<()> {
+fn set_smem(f: &CudaFunction, smem: usize) -> Result<()> {
     if smem > DEFAULT_SMEM {
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -793,6 +793,42 @@ fn launch_prep(
     Ok(())
 }
 
+/// The function and launch shape of a backward kernel (`generic`: the SIMT fallback's name):
+/// grid (tiles of the longest row, `heads`, rows), with the instance's shared memory set.
+fn bwd_kernel(
+    dev: &Arc<CudaDevice>,
+    kernel: BwdKernel,
+    generic: &'static str,
+    heads: u32,
+    p: &engine_attention_params,
+) -> Result<(CudaFunction, LaunchConfig)> {
+    let (f, threads, tile, smem) = match kernel {
+        BwdKernel::Fast {
+            name,
+            threads,
+            tile,
+            smem,
+        } => (dev.function("attention", name)?, threads, tile, smem),
+        BwdKernel::Generic => (
+            dev.function("attention", generic)?,
+            32 * GENERIC_BWD_WARPS as u32,
+            GENERIC_BWD_WARPS,
+            0,
+        ),
+    };
+    set_smem(&f, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (p.max_len as usize).div_ceil(tile) as u32,
+            heads,
+            p.num_rows as u32,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    Ok((f, cfg))
+}
+
 /// The dK/dV kernel: grid (key tiles of the longest row, KV heads, rows).
 fn launch_bwd_kv(
     dev: &Arc<CudaDevice>,
@@ -803,30 +839,8 @@ fn launch_bwd_kv(
     b: &BwdInputs,
     p: &engine_attention_params,
 ) -> Result<()> {
-    let (f, threads, tile, smem) = match kernel {
-        BwdKernel::Fast {
-            name,
-            threads,
-            tile,
-            smem,
-        } => (dev.function("attention", name)?, threads, tile, smem),
-        BwdKernel::Generic => (
-            dev.function("attention", kernel_name!("attention_bwd_kv_generic", dtype))?,
-            32 * GENERIC_BWD_WARPS as u32,
-            GENERIC_BWD_WARPS,
-            0,
-        ),
-    };
-    set_smem(&f, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (p.max_len as usize).div_ceil(tile) as u32,
-            p.n_kv_heads as u32,
-            p.num_rows as u32,
-        ),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let generic = kernel_name!("attention_bwd_kv_generic", dtype);
+    let (f, cfg) = bwd_kernel(dev, kernel, generic, p.n_kv_heads as u32, p)?;
     let (dk, dv) = (&mut dk.arg_mut(), &mut dv.arg_mut());
     let (q, k, v, dout, ld, cu) = (
         &b.q.arg(),
@@ -864,30 +878,8 @@ fn launch_bwd_q(
     b: &BwdInputs,
     p: &engine_attention_params,
 ) -> Result<()> {
-    let (f, threads, tile, smem) = match kernel {
-        BwdKernel::Fast {
-            name,
-            threads,
-            tile,
-            smem,
-        } => (dev.function("attention", name)?, threads, tile, smem),
-        BwdKernel::Generic => (
-            dev.function("attention", kernel_name!("attention_bwd_q_generic", dtype))?,
-            32 * GENERIC_BWD_WARPS as u32,
-            GENERIC_BWD_WARPS,
-            0,
-        ),
-    };
-    set_smem(&f, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (p.max_len as usize).div_ceil(tile) as u32,
-            p.n_heads as u32,
-            p.num_rows as u32,
-        ),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let generic = kernel_name!("attention_bwd_q_generic", dtype);
+    let (f, cfg) = bwd_kernel(dev, kernel, generic, p.n_heads as u32, p)?;
     let dq = &mut dq.arg_mut();
     let (q, k, v, dout, ld, cu) = (
         &b.q.arg(),

@@ -42,12 +42,39 @@ pub(super) fn table(
 }
 
 pub(super) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> Result<Tensor> {
+    rotate(x, cos, sin, head_dim, kernel_name!("rope", x.dtype()))
+}
+
+/// dx of the rotation (rotate back).
+pub(super) fn apply_backward(
+    dy: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    head_dim: usize,
+) -> Result<Tensor> {
+    rotate(
+        dy,
+        cos,
+        sin,
+        head_dim,
+        kernel_name!("rope_backward", dy.dtype()),
+    )
+}
+
+/// Run a rotation kernel (`kernel`: forward or backward, for `x`'s dtype) over `x` [t, w].
+fn rotate(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    head_dim: usize,
+    kernel: &'static str,
+) -> Result<Tensor> {
     let sx = x.cuda_storage()?;
     let dev = sx.device().clone();
     let (t, w) = x.dims2()?;
     let dtype = x.dtype();
     let mut out = dev.alloc(t * w * dtype.size_in_bytes())?;
-    let f = dev.function("rope", kernel_name!("rope", dtype))?;
+    let f = dev.function("rope", kernel)?;
     let (t32, w32, d32) = (t as i32, w as i32, head_dim as i32);
     let (y, xb, cb, sb) = (
         &mut out.arg_mut(),
@@ -58,41 +85,6 @@ pub(super) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> 
     let mut l = dev.stream().launch_builder(&f);
     l.arg(y)
         .arg(xb)
-        .arg(cb)
-        .arg(sb)
-        .arg(&t32)
-        .arg(&w32)
-        .arg(&d32);
-    if t * w > 0 {
-        // SAFETY: one thread per rotated pair; shapes checked by the caller.
-        unsafe { l.launch(grid_1d(t * w / 2, 256)) }?;
-    }
-    Tensor::from_cuda(out, dtype, &[t, w])
-}
-
-/// dx of the rotation (rotate back).
-pub(super) fn apply_backward(
-    dy: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    head_dim: usize,
-) -> Result<Tensor> {
-    let sd = dy.cuda_storage()?;
-    let dev = sd.device().clone();
-    let (t, w) = dy.dims2()?;
-    let dtype = dy.dtype();
-    let mut out = dev.alloc(t * w * dtype.size_in_bytes())?;
-    let f = dev.function("rope", kernel_name!("rope_backward", dtype))?;
-    let (t32, w32, d32) = (t as i32, w as i32, head_dim as i32);
-    let (y, db, cb, sb) = (
-        &mut out.arg_mut(),
-        &sd.buf.arg(),
-        &cos.cuda_storage()?.buf.arg(),
-        &sin.cuda_storage()?.buf.arg(),
-    );
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(y)
-        .arg(db)
         .arg(cb)
         .arg(sb)
         .arg(&t32)
